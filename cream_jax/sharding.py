@@ -1,0 +1,189 @@
+"""Mesh construction and the one logical-axis rules table.
+
+Model code names every parameter axis logically (``("embed", "mlp")``); this module alone maps
+logical names to mesh axes. The mesh always has the three axes ``("data", "fsdp", "tensor")``;
+on one device every axis has size 1 and all of this is a no-op by construction.
+
+Logical names used by the code base:
+  batch     examples (prompts, pairs)            -> ("data", "fsdp")
+  length    sequence positions                   -> replicated
+  vocab     vocabulary                           -> "tensor"
+  embed     model width D                        -> "fsdp"
+  mlp       MLP hidden F                         -> "tensor"
+  heads     query heads N                        -> "tensor"
+  kv_heads  key/value heads K                    -> "tensor"
+  head_dim  per-head width H                     -> replicated
+  layers    the scanned layer axis L             -> replicated
+  norm      RMSNorm scales (1-D)                 -> replicated
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The single rules table: logical axis name -> mesh axis (or tuple of mesh axes, or None).
+LOGICAL_AXIS_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds a ``("data", "fsdp", "tensor")`` mesh.
+
+    ``data=-1`` takes all devices left over by ``fsdp * tensor``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if data == -1:
+        if len(devices) % (fsdp * tensor):
+            raise ValueError(
+                f"make_mesh: {len(devices)} devices are not divisible by fsdp*tensor={fsdp * tensor}"
+            )
+        data = len(devices) // (fsdp * tensor)
+    size = data * fsdp * tensor
+    if size > len(devices):
+        raise ValueError(
+            f"make_mesh: mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {size} devices, "
+            f"only {len(devices)} available"
+        )
+    grid = np.asarray(devices[:size]).reshape(data, fsdp, tensor)
+    return Mesh(grid, MESH_AXES)
+
+
+def single_device_mesh() -> Mesh:
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def _mesh_axis_size(mesh: Mesh, axis: Any) -> int:
+    if axis is None:
+        return 1
+    if isinstance(axis, tuple):
+        return math.prod(mesh.shape[a] for a in axis)
+    return mesh.shape[axis]
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
+    """Maps logical axis names to a mesh ``PartitionSpec``.
+
+    Raises on an unknown logical name (a parameter the rules forgot must fail, not silently replicate).
+    With ``shape`` and ``mesh`` given, a dimension not divisible by its mesh axes is replicated instead
+    (e.g. 2 KV heads on a tensor axis of 4), and a mesh axis is never used twice in one spec.
+    """
+    out: list[Any] = []
+    used: set[str] = set()
+    for i, name in enumerate(names):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in LOGICAL_AXIS_RULES:
+            raise ValueError(f"sharding: logical axis {name!r} is not in LOGICAL_AXIS_RULES")
+        axis = LOGICAL_AXIS_RULES[name]
+        members = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+        if any(m in used for m in members):
+            axis = None
+        elif shape is not None and mesh is not None and shape[i] % _mesh_axis_size(mesh, axis):
+            axis = None
+        if axis is not None:
+            used.update(members)
+        out.append(axis)
+    return P(*out)
+
+
+def _names_of(variable: nnx.Variable) -> tuple | None:
+    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    for key in ("sharding_names", "out_sharding", "sharding"):
+        names = meta.get(key)
+        if names is not None:
+            return tuple(names)
+    return None
+
+
+def param_logical_names(state: nnx.State) -> Any:
+    """Tree of logical-name tuples (or None) for an ``nnx.State`` of Variables."""
+    return jax.tree.map(_names_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def unnamed_params(state: nnx.State) -> list[str]:
+    """Paths of parameters with more than one dimension and no logical names (a test guards this)."""
+    missing = []
+    for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        if isinstance(var, nnx.Variable) and np.ndim(var.get_value()) > 1 and _names_of(var) is None:
+            missing.append(jax.tree_util.keystr(path))
+    return missing
+
+
+def param_shardings(state: nnx.State, mesh: Mesh) -> Any:
+    """``NamedSharding`` tree matching ``state`` (Variables' values), from their logical names."""
+
+    def one(var):
+        if not isinstance(var, nnx.Variable):
+            return NamedSharding(mesh, P())
+        value = var.get_value()
+        names = _names_of(var)
+        if names is None:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, logical_to_spec(names, np.shape(value), mesh))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_params(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """Places every parameter of ``state`` on ``mesh`` according to its logical names."""
+    shardings = param_shardings(state, mesh)
+    return jax.tree.map(
+        lambda var, s: var.replace(jax.device_put(var.get_value(), s)) if isinstance(var, nnx.Variable) else jax.device_put(var, s),
+        state,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Sharding of a batch-major array: the leading axis over ("data", "fsdp"), the rest replicated."""
+    return NamedSharding(mesh, P(LOGICAL_AXIS_RULES["batch"], *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Places a pytree of host arrays on ``mesh`` split along the leading (batch) axis.
+
+    The leading dimension must be divisible by ``data * fsdp``; pad the batch first otherwise.
+    """
+    n = _mesh_axis_size(mesh, LOGICAL_AXIS_RULES["batch"])
+
+    def one(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0:
+            return jax.device_put(x, replicated(mesh))
+        if x.shape[0] % n:
+            raise ValueError(
+                f"shard_batch: leading dimension {x.shape[0]} is not divisible by data*fsdp={n}"
+            )
+        return jax.device_put(x, batch_sharding(mesh, x.ndim))
+
+    return jax.tree.map(one, batch)
+
+
+def batch_multiple(mesh: Mesh) -> int:
+    """The number every global batch size must be a multiple of on ``mesh``."""
+    return _mesh_axis_size(mesh, LOGICAL_AXIS_RULES["batch"])
