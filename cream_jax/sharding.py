@@ -48,22 +48,26 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
     """Builds a ``("data", "fsdp", "tensor")`` mesh.
 
-    ``data=-1`` takes all devices left over by ``fsdp * tensor``.
+    One axis may be -1: it takes all devices left over by the other two.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if data == -1:
-        if len(devices) % (fsdp * tensor):
-            raise ValueError(
-                f"make_mesh: {len(devices)} devices are not divisible by fsdp*tensor={fsdp * tensor}"
-            )
-        data = len(devices) // (fsdp * tensor)
-    size = data * fsdp * tensor
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"make_mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    if -1 in sizes:
+        rest = math.prod(s for s in sizes if s != -1)
+        if len(devices) % rest:
+            raise ValueError(f"make_mesh: {len(devices)} devices are not divisible by the fixed axes' product {rest}")
+        sizes[sizes.index(-1)] = len(devices) // rest
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"make_mesh: axis sizes must be >= 1 or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    size = math.prod(sizes)
     if size > len(devices):
         raise ValueError(
-            f"make_mesh: mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {size} devices, "
+            f"make_mesh: mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {size} devices, "
             f"only {len(devices)} available"
         )
-    grid = np.asarray(devices[:size]).reshape(data, fsdp, tensor)
+    grid = np.asarray(devices[:size]).reshape(*sizes)
     return Mesh(grid, MESH_AXES)
 
 
