@@ -82,10 +82,15 @@ def _to_json(value: Any, where: str) -> Any:
         return [_to_json(item, f"{where}[{i}]") for i, item in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, (np.bool_, np.integer, np.floating)) or (
-        isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0
-    ):
-        return np.asarray(value).item()
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        dtype = value.dtype
+        numeric = jax.dtypes.issubdtype(dtype, np.integer) or jax.dtypes.issubdtype(dtype, np.floating)
+        if not (numeric or jax.dtypes.issubdtype(dtype, np.bool_)):
+            raise ValueError(f"{where}: value of dtype {dtype} is not JSON-serialisable")
+        array = np.asarray(value)
+        if jax.dtypes.issubdtype(dtype, np.floating):
+            array = array.astype(np.float64)  # bfloat16 & co. have no Python conversion of their own
+        return array.tolist()  # a Python scalar for 0-d values, nested lists otherwise
     raise ValueError(f"{where}: value of type {type(value).__name__} is not JSON-serialisable")
 
 
@@ -242,9 +247,12 @@ class RunCheckpointer:
 
         Args:
           step: global save counter, greater than every step saved before.
-          state: pytree of jax/numpy arrays (params, optimizer state, typed or raw RNG keys, ...).
-            jax arrays keep their sharding metadata; numpy leaves come back as numpy.
-          progress: JSON-able dict (str keys; values may include bytes and numpy scalars).
+          state: pytree of jax/numpy arrays (params, optimizer state, typed or raw RNG keys, ...),
+            possibly empty (a progress-only checkpoint; restored as ``{}``). jax arrays keep their
+            sharding metadata; numpy leaves come back as numpy.
+          progress: JSON-able dict: str keys; values None/bool/int/float/str, lists/tuples (come
+            back as lists), dicts, bytes (base64 inside), numpy/jax scalars and numeric arrays
+            (come back as Python numbers / nested lists).
           extra: JSON-able dict or None (e.g. a grain iterator state, dict or bytes).
           force: if True a ``step`` not above the latest saved step is an error; if False such a
             save is skipped and False returned.
@@ -256,19 +264,19 @@ class RunCheckpointer:
             raise ValueError(f"RunCheckpointer.save: progress must be a dict, got {type(progress).__name__}")
         if extra is not None and not isinstance(extra, dict):
             raise ValueError(f"RunCheckpointer.save: extra must be a dict or None, got {type(extra).__name__}")
-        if not jax.tree.leaves(state):
-            raise ValueError("RunCheckpointer.save: state has no array leaves")
         latest = self.latest_step()
         if latest is not None and step <= latest:
             if not force:
                 return False
             raise ValueError(f"RunCheckpointer.save: step {step} is not greater than the latest saved step {latest}")
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            progress=ocp.args.JsonSave(_to_json(progress, "progress")),
-            extra=ocp.args.JsonSave({"extra": _to_json(extra, "extra")}),
-        )
-        return bool(self._mgr.save(step, args=args, force=True))
+        has_state = bool(jax.tree.leaves(state))
+        items = {
+            "progress": ocp.args.JsonSave(_to_json(progress, "progress")),
+            "extra": ocp.args.JsonSave({"extra": _to_json(extra, "extra"), "has_state": has_state}),
+        }
+        if has_state:  # orbax refuses an empty tree; a progress-only checkpoint has no state item
+            items["state"] = ocp.args.StandardSave(state)
+        return bool(self._mgr.save(step, args=ocp.args.Composite(**items), force=True))
 
     def wait(self) -> None:
         """Blocks until every pending asynchronous save is committed (renamed into place)."""
@@ -351,21 +359,28 @@ class RunCheckpointer:
         ) from first_error
 
     def _restore_step(self, step: int, abstract_state: Any) -> tuple[PyTree, dict, dict | None]:
-        meta = self._mgr.item_metadata(step)
-        if meta["state"] is None:
-            raise OSError(f"checkpoint {step}: state metadata is missing")
         json_items = self._mgr.restore(
             step, args=ocp.args.Composite(progress=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore())
         )
         progress = _from_json(json_items.progress)
         extra = _from_json(json_items.extra["extra"])
-        saved = _saved_shapes(meta["state"].tree)
+        saved = {}
+        if json_items.extra["has_state"]:
+            meta = self._mgr.item_metadata(step)["state"]
+            if meta is None:
+                raise OSError(f"checkpoint {step}: the state item's metadata cannot be read")
+            saved = _saved_shapes(meta.tree)
         target = abstract_state(progress, saved) if callable(abstract_state) else abstract_state
+        where = f"RunCheckpointer.restore (checkpoint {step} in {self.directory})"
+        if not json_items.extra["has_state"]:
+            if target is not None and jax.tree.leaves(target):
+                raise _TargetMismatchError(f"{where}: the checkpoint has no state arrays, the target has")
+            return {}, progress, extra
         if target is None:
             state_args = ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         else:
             target = _abstract(target)
-            _check_target(target, saved, f"RunCheckpointer.restore (checkpoint {step} in {self.directory})")
+            _check_target(target, saved, where)
             state_args = ocp.args.StandardRestore(target)
         state = self._mgr.restore(step, args=ocp.args.Composite(state=state_args)).state
         return state, progress, extra

@@ -94,7 +94,10 @@ def _abstract(tree, sharding_fn=lambda x: getattr(x, "sharding", None)):
 def test_round_trip_with_and_without_target(tmp_path):
     state = _state()
     grain_bytes = _grain_state_bytes()
-    progress = {"stage": "iter", "iteration": 2, "phase": "train", "step": 17, "losses": [1.5, 2.0], "lr": np.float32(0.5)}
+    progress = {
+        "stage": "iter", "iteration": 2, "phase": "train", "step": 17, "losses": [1.5, 2.0], "lr": np.float32(0.5),
+        "loss_bf16": jnp.asarray(0.25, jnp.bfloat16), "counts": np.array([[1, 2], [3, 4]]), "ok": np.bool_(True),
+    }
     extra = {"grain": grain_bytes, "nested": {"raw": b"\x00\xff\x10", "n": 3}, "tuple": (1, 2)}
     with ck.RunCheckpointer(tmp_path / "ckpt") as ckpt:
         assert ckpt.latest_step() is None
@@ -107,7 +110,10 @@ def test_round_trip_with_and_without_target(tmp_path):
         assert ckpt.restored_step == 5
         assert jax.tree.structure(restored) == jax.tree.structure(state)  # namedtuples kept
         jax.tree.map(_leaf_equal, state, restored)
-        assert prog == {"stage": "iter", "iteration": 2, "phase": "train", "step": 17, "losses": [1.5, 2.0], "lr": 0.5}
+        assert prog == {
+            "stage": "iter", "iteration": 2, "phase": "train", "step": 17, "losses": [1.5, 2.0], "lr": 0.5,
+            "loss_bf16": 0.25, "counts": [[1, 2], [3, 4]], "ok": True,
+        }
         assert ext == {"grain": grain_bytes, "nested": {"raw": b"\x00\xff\x10", "n": 3}, "tuple": [1, 2]}
 
         # A grain iterator resumed from the restored bytes yields what the original would.
@@ -145,8 +151,8 @@ def test_bad_inputs_are_one_line_value_errors(tmp_path):
             ckpt.save(1, state, {}, {3: "x"})
         with pytest.raises(ValueError, match="progress must be a dict"):
             ckpt.save(1, state, [1])
-        with pytest.raises(ValueError, match="state has no array leaves"):
-            ckpt.save(1, {}, {})
+        with pytest.raises(ValueError, match=r"progress\['k'\]: value of dtype key<fry> is not JSON"):
+            ckpt.save(1, state, {"k": jax.random.key(0)})
         ckpt.save(1, state, {"s": 1})
         with pytest.raises(ValueError, match="step 1 is not greater than the latest saved step 1"):
             ckpt.save(1, state, {"s": 1})
@@ -161,6 +167,21 @@ def test_bad_inputs_are_one_line_value_errors(tmp_path):
     for bad in (0, -1):
         with pytest.raises(ValueError, match="max_to_keep must be >= 1"):
             ck.RunCheckpointer(tmp_path / "x", max_to_keep=bad)
+
+
+def test_progress_only_checkpoint(tmp_path):
+    """Phase boundaries may save progress without arrays; it restores as an empty state."""
+    with ck.RunCheckpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, {"w": jnp.ones(2)}, {"phase": "train"})
+        ckpt.save(2, {}, {"phase": "curate"}, {"loader": b"\x01"})
+        for target in (None, {}, lambda progress, saved: {}):
+            state, progress, extra = ckpt.restore(abstract_state=target)
+            assert (state, progress, extra) == ({}, {"phase": "curate"}, {"loader": b"\x01"})
+        with pytest.raises(ValueError, match="checkpoint has no state arrays, the target has"):
+            ckpt.restore(abstract_state={"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
+        state, progress, _ = ckpt.restore(step=1)
+        np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(2))
+        assert ckpt.all_steps() == [1, 2]
 
 
 def test_retention_and_reopen(tmp_path):
