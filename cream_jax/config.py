@@ -1,0 +1,314 @@
+"""Run configuration: frozen dataclasses the library takes, and gin at the edge.
+
+Library code receives the dataclasses below and never imports gin. The CLI (``cream_jax.train``,
+``cream_jax.sweep``) calls :func:`parse_gin` which registers every section with gin under a short
+name, so a ``.gin`` file or ``--gin_param`` binds fields as ``DPO.beta = 0.05`` or
+``Sampling.num_samples = 8``. :func:`build_run_config` then assembles a :class:`RunConfig` whose
+sections were constructed with those bindings applied.
+
+Sections and their gin names:
+  Model, Suite, Data, Pretrain, SFT, Sampling, Reward, DPO, Eval, Mesh, Run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("srlm", "cream", "sera", "scir", "dpo_oracle")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where M0 comes from and, for the embedded default, its shape.
+
+    ``source="embedded"`` builds a tiny LLaMA with the fields below and pretrains it on the
+    synthetic corpus (stage M0). Any other value is a local Hugging Face checkpoint folder.
+    """
+
+    source: str = "embedded"
+    tokenizer: str | None = None  # None: the checkpoint folder, or the embedded tokenizer
+    dtype: str = "float32"  # params and activations; logits are always float32
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    remat: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Text sources. ``None`` paths use the embedded synthetic suite."""
+
+    sft_path: str | None = None
+    prompt_paths: tuple[str, ...] = ()  # one file per iteration
+    eval_paths: tuple[str, ...] = ()
+    max_prompt_len: int = 64
+    on_overflow: str = "truncate"  # "truncate" (keep the end, counted) | "error"
+    on_bad_row: str = "raise"  # "raise" | "skip" (skipped rows are counted)
+    prompts_per_iteration: int = 0  # 0: the whole per-iteration split
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a cosine schedule and linear warm-up, as in the paper (METHODS 2.4)."""
+
+    learning_rate: float = 1e-3
+    end_lr_ratio: float = 0.0  # cosine decays to learning_rate * end_lr_ratio
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    batch_size: int = 32  # global, in examples (pairs for DPO)
+    grad_accum: int = 1
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 1500
+    seq_len: int = 128
+    optim: OptimConfig = OptimConfig(learning_rate=3e-3, batch_size=32)
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    epochs: int = 3
+    max_len: int = 128
+    optim: OptimConfig = OptimConfig(learning_rate=1e-3, batch_size=32)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    num_samples: int = 4
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 48
+    batch_size: int = 64  # prompts per generate call
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """How responses are rewarded and how consistency is measured (METHODS section 0 and 7)."""
+
+    reward_reference: str = "initial"  # "initial" (M0) | "previous" (M_{t-1})
+    consistency_method: str = "kendall"  # "kendall" | "spearman" | "toporder"
+    consistency_level: str = "dyn"  # "dyn" (per prompt) | "avg" (set level)
+    ties: str = "b"  # "b" (tau-b) | "ordinal" (official CREAM code)
+    judge_readout: str = "expected"  # SRLM: "expected" | "sample"
+    judge_samples: int = 3
+    sera_ratio: float = 0.5  # SeRA: fraction of pairs kept by implicit-reward margin
+    sera_ensemble_weight: float = 1.0  # SeRA: w * r_t + (1 - w) * r_{t-1}
+    scir_alpha: float = 1.0
+    scir_gamma: float = 0.0
+    scir_divergence: str = "skl"
+    dedup: bool = True
+    score_batch_size: int = 64  # sequences per scoring forward
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    epochs: int = 1
+    optim: OptimConfig = OptimConfig(learning_rate=1e-4, batch_size=32, weight_decay=0.01)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_new_tokens: int = 48
+    batch_size: int = 128
+    num_per_task: int = 0  # 0: every test item
+    num_logged_samples: int = 4
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices left by fsdp * tensor
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "cream"
+    iterations: int = 2
+    seed: int = 0
+    checkpoint_every: int = 50  # train steps between mid-phase checkpoints
+    keep_models_resident: bool = True  # False: M_{t-1}, M0 come from disk just for scoring
+    export_hf: bool = False  # save_hf_llama of every iteration's model
+    nan_policy: str = "stop"  # "stop": keep the last good checkpoint and exit non-zero
+    model: ModelConfig = ModelConfig()
+    suite: Any = None  # cream_jax.data.synthetic.SuiteConfig; None = its defaults
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    sft: SFTConfig = SFTConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    reward: RewardConfig = RewardConfig()
+    dpo: DPOConfig = DPOConfig()
+    eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        validate(self)
+
+
+_CHOICES = {
+    "method": METHODS,
+    "reward.reward_reference": ("initial", "previous"),
+    "reward.consistency_method": ("kendall", "spearman", "toporder"),
+    "reward.consistency_level": ("dyn", "avg"),
+    "reward.ties": ("b", "ordinal"),
+    "reward.judge_readout": ("expected", "sample"),
+    "reward.scir_divergence": ("skl", "bce", "mse"),
+    "dpo.loss_type": ("sigmoid", "ipo", "hinge", "simpo"),
+    "model.dtype": ("float32", "bfloat16"),
+    "data.on_overflow": ("truncate", "error"),
+    "data.on_bad_row": ("raise", "skip"),
+    "nan_policy": ("stop",),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """One-line errors for values no run can use."""
+    for name, allowed in _CHOICES.items():
+        value = _get(cfg, name)
+        if value not in allowed:
+            raise ValueError(f"config: {name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+    positive = [
+        "iterations", "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size",
+        "dpo.optim.batch_size", "sft.optim.batch_size", "pretrain.optim.batch_size",
+        "eval.batch_size", "reward.score_batch_size", "data.max_prompt_len",
+    ]
+    for name in positive:
+        if _get(cfg, name) <= 0:
+            raise ValueError(f"config: {name} must be > 0, got {_get(cfg, name)}")
+    if cfg.sampling.num_samples < 2:
+        raise ValueError("config: sampling.num_samples must be >= 2 to build preference pairs")
+    if not 0.0 < cfg.reward.sera_ratio <= 1.0:
+        raise ValueError(f"config: reward.sera_ratio must be in (0, 1], got {cfg.reward.sera_ratio}")
+    if cfg.sampling.temperature < 0:
+        raise ValueError(f"config: sampling.temperature must be >= 0, got {cfg.sampling.temperature}")
+
+
+def to_dict(cfg: Any) -> Any:
+    """JSON-ready nested dict of a config (dataclasses and tuples)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """Stable hash of everything that changes results (used to refuse a mismatched workdir)."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# gin, at the edge only.
+
+_SECTIONS = {
+    "Model": ("model", ModelConfig),
+    "Data": ("data", DataConfig),
+    "Pretrain": ("pretrain", PretrainConfig),
+    "SFT": ("sft", SFTConfig),
+    "Sampling": ("sampling", SamplingConfig),
+    "Reward": ("reward", RewardConfig),
+    "DPO": ("dpo", DPOConfig),
+    "Eval": ("eval", EvalConfig),
+    "Mesh": ("mesh", MeshConfig),
+}
+# Optimizers are nested per stage; each gets its own gin name (PretrainOptim.learning_rate = ...).
+_OPTIM_SECTIONS = {"PretrainOptim": "pretrain", "SFTOptim": "sft", "DPOOptim": "dpo"}
+
+
+def _registered():
+    import gin  # noqa: PLC0415 — gin lives at the edge
+
+    from cream_jax.data.synthetic import SuiteConfig  # noqa: PLC0415
+
+    if not getattr(_registered, "done", None):
+        made = {}
+        for name, (_, cls) in _SECTIONS.items():
+            made[name] = gin.external_configurable(cls, name=name)
+        for name in _OPTIM_SECTIONS:
+            made[name] = gin.external_configurable(OptimConfig, name=name)
+        made["Suite"] = gin.external_configurable(SuiteConfig, name="Suite")
+        made["Run"] = gin.external_configurable(_run_fields, name="Run")
+        _registered.done = made
+    return _registered.done
+
+
+def _run_fields(
+    method: str = "cream",
+    iterations: int = 2,
+    seed: int = 0,
+    checkpoint_every: int = 50,
+    keep_models_resident: bool = True,
+    export_hf: bool = False,
+    nan_policy: str = "stop",
+) -> dict:
+    return dict(locals())
+
+
+def parse_gin(files: list[str] | tuple[str, ...] = (), bindings: list[str] | tuple[str, ...] = ()) -> None:
+    """Parses gin files and bindings; errors become one line naming the file or binding."""
+    import os  # noqa: PLC0415
+
+    import gin  # noqa: PLC0415
+
+    _registered()
+    gin.clear_config()
+    for path in files:
+        if not os.path.exists(path):
+            raise ValueError(f"--gin_file {path}: file not found")
+    try:
+        gin.parse_config_files_and_bindings(list(files), list(bindings), skip_unknown=False)
+    except Exception as e:  # gin raises several types; all are user errors here
+        msg = " ".join(str(e).split())
+        raise ValueError(f"gin: {msg}") from None
+
+
+def build_run_config() -> RunConfig:
+    """Assembles a RunConfig from the gin bindings currently parsed (defaults elsewhere)."""
+    made = _registered()
+    sections = {attr: made[name]() for name, (attr, _) in _SECTIONS.items()}
+    for optim_name, attr in _OPTIM_SECTIONS.items():
+        base = sections[attr]
+        optim = made[optim_name](**{f.name: getattr(base.optim, f.name) for f in dataclasses.fields(OptimConfig) if not _is_bound(optim_name, f.name)})
+        sections[attr] = dataclasses.replace(base, optim=optim)
+    suite = made["Suite"]()
+    return RunConfig(**made["Run"](), suite=suite, **sections)
+
+
+def _is_bound(configurable: str, param: str) -> bool:
+    import gin  # noqa: PLC0415
+
+    try:
+        gin.query_parameter(f"{configurable}.{param}")
+        return True
+    except ValueError:
+        return False
+
+
+def operative_config_text() -> str:
+    import gin  # noqa: PLC0415
+
+    return gin.config_str()

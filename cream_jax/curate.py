@@ -1,0 +1,276 @@
+"""One iteration's self-rewarding data: sample, score, reward, consistency, pairs.
+
+Each function works on plain arrays and a model, so a notebook can run the stages one by one.
+The trainer calls :func:`curate` which chains them for one prompt subset and returns host arrays
+ready for the preference-training stage.
+
+Shape letters: B prompts, R responses per prompt, T time (prompt + response), S response length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cream_jax import consistency, judge, preference, rewards
+from cream_jax.sampling import generate
+from cream_jax.scoring import sequence_logprobs
+
+
+@dataclasses.dataclass
+class TokenSpec:
+    """Token ids the loop needs from the tokenizer."""
+
+    eos_ids: tuple[int, ...]
+    pad_id: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> "TokenSpec":
+        eos = []
+        if tokenizer.eos_token_id is not None:
+            eos.append(int(tokenizer.eos_token_id))
+        for special in ("<|eot_id|>", "<|im_end|>", "<|end_of_turn|>"):
+            tid = tokenizer.convert_tokens_to_ids(special) if special in tokenizer.get_vocab() else None
+            if tid is not None and tid not in eos:
+                eos.append(int(tid))
+        if not eos:
+            raise ValueError("tokenizer: no eos_token_id and no end-of-turn token; cannot stop generation")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        return cls(eos_ids=tuple(eos), pad_id=int(pad))
+
+
+def encode_texts_left_padded(tokenizer: Any, texts: Sequence[str], max_len: int) -> dict:
+    """Tokenizes already-rendered texts (no template), keeps the last ``max_len`` tokens, left-pads."""
+    ids = np.full((len(texts), max_len), tokenizer.pad_token_id or 0, np.int32)
+    mask = np.zeros((len(texts), max_len), np.int32)
+    for i, text in enumerate(texts):
+        toks = tokenizer.encode(text, add_special_tokens=False)[-max_len:]
+        ids[i, max_len - len(toks):] = toks
+        mask[i, max_len - len(toks):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """Pads the leading axis to ``rows`` by repeating row 0 (outputs of pad rows are dropped)."""
+    if x.shape[0] == rows:
+        return x
+    return np.concatenate([x, np.repeat(x[:1], rows - x.shape[0], axis=0)], axis=0)
+
+
+def batched(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size: int, progress=None) -> list[Any]:
+    """Runs ``fn`` over fixed-size slices of host arrays (the last one padded), one static shape."""
+    n = arrays[0].shape[0]
+    outs = []
+    starts = range(0, n, batch_size)
+    for start in progress(starts) if progress else starts:
+        chunk = [_pad_rows(a[start:start + batch_size], batch_size) for a in arrays]
+        take = min(batch_size, n - start)
+        out = fn(*chunk)
+        outs.append(jax.tree.map(lambda x: np.asarray(x)[:take], out))
+    return outs
+
+
+def _cat(outs: list[Any]) -> Any:
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
+
+
+def sample_responses(
+    model: Any,
+    prompt_ids: np.ndarray,
+    prompt_mask: np.ndarray,
+    *,
+    key: jax.Array,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    tokens: TokenSpec,
+    batch_size: int,
+    progress=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """N responses per prompt: ``(tokens [B, R, S], mask [B, R, S])`` on the host."""
+    counter = iter(range(1 << 30))
+
+    def one(ids, mask):
+        return generate(
+            model, ids, mask, key=jax.random.fold_in(key, next(counter)), num_samples=num_samples,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            eos_id=tokens.eos_ids, pad_id=tokens.pad_id,
+        )
+
+    return _cat(batched(one, [prompt_ids, prompt_mask], batch_size, progress))
+
+
+def score_sequences(model: Any, seqs: dict, batch_size: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Summed response log-probs and token counts of every joined (prompt, response) row."""
+
+    def one(ids, mask, resp):
+        return sequence_logprobs(model, ids, mask, resp)
+
+    arrays = [seqs["input_ids"], seqs["attention_mask"], seqs["response_mask"]]
+    return _cat(batched(one, arrays, batch_size, progress))
+
+
+def decode_responses(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[list[str]]:
+    """Texts of ``tokens [B, R, S]`` (special tokens such as end-of-turn dropped)."""
+    b, r, _ = tokens.shape
+    return [
+        [tokenizer.decode(tokens[i, j][mask[i, j] > 0].tolist(), skip_special_tokens=True) for j in range(r)]
+        for i in range(b)
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# LLM-as-a-Judge rewards (SRLM, METHODS 3 and section 0).
+
+
+def digit_token_ids(tokenizer: Any, prefix: str = "Score:") -> tuple[str, list[int]]:
+    """The text to force before the score digit and the token ids of "0".."5" after it.
+
+    Finds the spelling (``"Score: "`` + digit or ``"Score:"`` + " digit") under which each digit is
+    one token, so the "expected" read-out is one next-token distribution for any tokenizer.
+    """
+    for sep_in_prefix in (" ", ""):
+        head = prefix + sep_in_prefix
+        head_ids = tokenizer.encode(head, add_special_tokens=False)
+        ids = []
+        for k in range(6):
+            full = tokenizer.encode(head + ("" if sep_in_prefix else " ") + str(k), add_special_tokens=False)
+            if full[: len(head_ids)] != head_ids or len(full) != len(head_ids) + 1:
+                break
+            ids.append(full[-1])
+        if len(ids) == 6:
+            return head, ids
+    raise ValueError("judge: the tokenizer does not encode 'Score: k' with k as a single token; use judge_readout='sample'")
+
+
+_SCORE_RE = re.compile(r"score\s*:", re.IGNORECASE)
+
+
+def judge_scores(
+    model: Any,
+    tokenizer: Any,
+    instructions: Sequence[str],
+    responses: Sequence[Sequence[str]],
+    *,
+    readout: str,
+    key: jax.Array,
+    tokens: TokenSpec,
+    max_prompt_len: int,
+    max_judgment_tokens: int,
+    num_judgments: int,
+    batch_size: int,
+    progress=None,
+) -> tuple[np.ndarray, int]:
+    """Scores ``[B, R]`` in [0, 5] by the model judging its own responses (NaN where unparsed).
+
+    ``"sample"``: K sampled judgments parsed for "Score: k" and averaged. ``"expected"``: a greedy
+    judgment, cut at its "Score:" (appended if missing), then one forward: sum_k k * p(k).
+    Returns (scores, number of parse failures).
+    """
+    b, r = len(responses), len(responses[0])
+    flat_instr = [instructions[i] for i in range(b) for _ in range(r)]
+    flat_resp = [responses[i][j] for i in range(b) for j in range(r)]
+    prompts = judge.render_judge_prompts(tokenizer, flat_instr, flat_resp)
+    enc = encode_texts_left_padded(tokenizer, prompts, max_prompt_len)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if readout == "sample":
+        gen_tok, gen_mask = sample_responses(
+            model, ids, mask, key=key, num_samples=num_judgments, max_new_tokens=max_judgment_tokens,
+            temperature=0.7, top_p=0.9, top_k=0, tokens=tokens, batch_size=batch_size, progress=progress,
+        )
+        texts = decode_responses(tokenizer, gen_tok, gen_mask)
+        parsed = np.array([[judge.parse_score(t) for t in row] for row in texts], dtype=object)
+        scores = np.where(parsed == None, np.nan, parsed).astype(np.float32)  # noqa: E711
+        mean, n_failed = judge.aggregate_sampled_scores(scores.reshape(b, r, num_judgments))
+        return np.asarray(mean, np.float32), int(n_failed)
+    # "expected"
+    head, digit_ids = digit_token_ids(tokenizer)
+    gen_tok, gen_mask = sample_responses(
+        model, ids, mask, key=key, num_samples=1, max_new_tokens=max_judgment_tokens, temperature=0.0,
+        top_p=1.0, top_k=0, tokens=tokens, batch_size=batch_size, progress=progress,
+    )
+    judgments = [t[0] for t in decode_responses(tokenizer, gen_tok, gen_mask)]
+    n_failed = 0
+    forced = []
+    for prompt, text in zip(prompts, judgments):
+        matches = list(_SCORE_RE.finditer(text))
+        if matches:
+            text = text[: matches[-1].start()]
+        else:
+            n_failed += 1
+        forced.append(prompt + text.rstrip() + (" " if text.strip() else "") + head)
+    enc = encode_texts_left_padded(tokenizer, forced, max_prompt_len + max_judgment_tokens + 4)
+    digit_ids = jnp.asarray(digit_ids)
+
+    def last_logits(i, m):
+        return judge.expected_score(model(jnp.asarray(i), jnp.asarray(m))[:, -1], digit_ids)
+
+    score = _cat(batched(last_logits, [enc["input_ids"], enc["attention_mask"]], batch_size, progress))
+    return np.asarray(score, np.float32).reshape(b, r), n_failed
+
+
+# ------------------------------------------------------------------------------------------
+# From rewards to training records.
+
+
+def implicit_reward(logp_model: np.ndarray, logp_ref: np.ndarray | None, n_tokens: np.ndarray) -> np.ndarray:
+    """``logp_model - logp_ref`` (CREAM 2.2-b: no beta, ranking is invariant to it); a model with no
+    reference (M0) ranks by its length-normalised likelihood (CREAM 2.7-1)."""
+    if logp_ref is None:
+        return np.asarray(rewards.likelihood(logp_model, n_tokens))
+    return np.asarray(rewards.implicit(logp_model, logp_ref))
+
+
+def pair_records(
+    seqs: dict,
+    pairs: Any,
+    keep: np.ndarray,
+    ref_logp: np.ndarray,
+    weight_c: np.ndarray,
+    num_samples: int,
+) -> dict:
+    """Host arrays of the kept pairs in the layout the DPO step reads.
+
+    ``ref_logp [B, R]`` are the DPO reference log-probs, i.e. the current policy's, already computed
+    for the implicit reward (METHODS section 0: no second reference forward).
+    """
+    idx = np.nonzero(keep)[0]
+    chosen_rows = idx * num_samples + np.asarray(pairs.chosen_idx)[idx]
+    rejected_rows = idx * num_samples + np.asarray(pairs.rejected_idx)[idx]
+    take = lambda name, rows: np.asarray(seqs[name])[rows]  # noqa: E731
+    return {
+        "prompt_index": idx.astype(np.int32),
+        "chosen_ids": take("input_ids", chosen_rows),
+        "chosen_mask": take("attention_mask", chosen_rows),
+        "chosen_resp": take("response_mask", chosen_rows),
+        "rejected_ids": take("input_ids", rejected_rows),
+        "rejected_mask": take("attention_mask", rejected_rows),
+        "rejected_resp": take("response_mask", rejected_rows),
+        "ref_chosen": ref_logp[idx, np.asarray(pairs.chosen_idx)[idx]].astype(np.float32),
+        "ref_rejected": ref_logp[idx, np.asarray(pairs.rejected_idx)[idx]].astype(np.float32),
+        "consistency": weight_c[idx].astype(np.float32),
+    }
+
+
+def consistency_of(r_now: np.ndarray, r_prev: np.ndarray, mask: np.ndarray | None, *, method: str, level: str, ties: str):
+    """(C [B], tau-valid [B]) with the configured metric and level (METHODS 2.3, section 0)."""
+    c, valid = consistency.consistency_rate(
+        jnp.asarray(r_now), jnp.asarray(r_prev), None if mask is None else jnp.asarray(mask),
+        method=method, level=level, ties=ties, return_valid=True,
+    )
+    return np.asarray(c, np.float32), np.asarray(valid, bool)
+
+
+def build_pairs(r_now: np.ndarray, mask: np.ndarray | None, response_tokens: np.ndarray | None) -> Any:
+    return preference.build_pairs(
+        jnp.asarray(r_now), None if mask is None else jnp.asarray(mask),
+        response_ids=None if response_tokens is None else jnp.asarray(response_tokens),
+    )

@@ -1,0 +1,233 @@
+"""Pure training steps: one jitted function per stage, built once per run by a ``make_*`` factory.
+
+A step is ``train_step(state, batch) -> (state, metrics)`` where ``state`` is a plain pytree
+``{"step", "params", "opt_state", "rng"}`` and ``batch`` a dict of arrays sharded over the batch
+axes of the mesh. The learning rate arrives in the batch (``batch["lr"]``, a scalar computed on
+the host from the schedule), so a new schedule length in the next iteration reuses the same
+compiled step. Gradients are averaged over the global batch (METHODS section 0) — automatic, since
+the step is one program over the whole mesh. Each batch row carries a ``weight`` (0 for the
+padding rows that fill the last batch to its static shape).
+
+Shape letters: B batch (examples or pairs), T time, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cream_jax import losses, scoring
+from cream_jax.config import OptimConfig
+from cream_jax.sharding import LOGICAL_AXIS_RULES
+
+PyTree = Any
+LossFn = Callable[[Any, PyTree, dict], tuple[jax.Array, dict]]
+
+
+# ------------------------------------------------------------------------------------------
+# Optimizer: AdamW = clip -> Adam scaling -> decoupled weight decay -> (-lr), lr from the host.
+
+
+def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; the learning rate is applied by the step (see module doc).
+
+    Weight decay skips 1-D parameters (norm scales, biases), as HF/TRL trainers do.
+    """
+    decay_mask = lambda params: jax.tree.map(lambda p: jnp.ndim(p) > 1, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(optim.max_grad_norm),
+        optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
+        optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
+    )
+
+
+def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up over ``warmup_ratio * total_steps`` then cosine decay (METHODS 2.4)."""
+    total_steps = max(int(total_steps), 1)
+    warmup = int(round(optim.warmup_ratio * total_steps))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else optim.learning_rate,
+        peak_value=optim.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=total_steps,
+        end_value=optim.learning_rate * optim.end_lr_ratio,
+    )
+    # The schedule's first warm-up value is 0; shift by one so step 0 already learns.
+    return float(schedule(min(step + 1, total_steps)))
+
+
+def init_train_state(params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
+    """A fresh train state whose optimizer moments follow the params' shardings."""
+    opt_state = jax.jit(optimizer.init)(params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state, "rng": rng}
+
+
+def state_shardings(state: dict) -> PyTree:
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+# ------------------------------------------------------------------------------------------
+# Losses over a batch, each returning (scalar loss, flat metrics).
+
+
+def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def lm_loss(graphdef: Any, params: PyTree, batch: dict) -> tuple[jax.Array, dict]:
+    """Next-token cross-entropy on ``loss_mask`` tokens (pre-training: all real tokens; SFT: the
+    response and its end-of-turn token only, METHODS section 0). Token-weighted over the batch."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+    per_example, n_tokens = losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])  # (B,), (B,)
+    tokens = n_tokens * batch["weight"]
+    loss = jnp.sum(per_example * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
+    return loss, {"loss": loss, "tokens": jnp.sum(tokens)}
+
+
+def _policy_pair_logps(graphdef: Any, params: PyTree, batch: dict) -> tuple[jax.Array, ...]:
+    """Summed response log-probs of chosen and rejected, one forward over both (rows [chosen; rejected])."""
+    model = nnx.merge(graphdef, params)
+    ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)  # (2B, T)
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+    resp = jnp.concatenate([batch["chosen_resp"], batch["rejected_resp"]], axis=0)
+    logits = model(ids, mask)  # (2B, T, V)
+    sum_logp, n_tokens = scoring.response_logprobs(logits, ids, resp)  # (2B,), (2B,)
+    b = batch["chosen_ids"].shape[0]
+    return sum_logp[:b], sum_logp[b:], n_tokens[:b], n_tokens[b:]
+
+
+def make_dpo_loss(beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> LossFn:
+    """DPO family with a per-pair soft label: ``batch["consistency"]`` is CREAM's C (1 = plain DPO).
+
+    For ``sigmoid`` the pair loss is ``C * DPO(y+, y-) + (1 - C) * DPO(y-, y+)`` (METHODS 2.3),
+    i.e. label smoothing ``1 - C``; a configured ``label_smoothing`` is applied on top for plain DPO.
+    """
+
+    def loss_fn(graphdef, params, batch):
+        chosen, rejected, n_chosen, n_rejected = _policy_pair_logps(graphdef, params, batch)
+        ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
+        if loss_type == "sigmoid":
+            smoothing = 1.0 - batch["consistency"] * (1.0 - label_smoothing)
+            per_pair = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta, label_smoothing=smoothing)
+        elif loss_type == "simpo":
+            per_pair = losses.dpo_loss(
+                chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type="simpo",
+                chosen_lengths=n_chosen, rejected_lengths=n_rejected,
+            )
+        else:
+            per_pair = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type)
+        w = batch["weight"]
+        loss = _weighted_mean(per_pair, w)
+        chosen_r = beta * (chosen - ref_chosen)
+        rejected_r = beta * (rejected - ref_rejected)
+        metrics = {
+            "loss": loss,
+            "rewards/chosen": _weighted_mean(chosen_r, w),
+            "rewards/rejected": _weighted_mean(rejected_r, w),
+            "rewards/margins": _weighted_mean(chosen_r - rejected_r, w),
+            "rewards/accuracies": _weighted_mean((chosen_r > rejected_r).astype(jnp.float32), w),
+            "consistency/weight": _weighted_mean(batch["consistency"], w),
+        }
+        return loss, metrics
+
+    return loss_fn
+
+
+def make_scir_loss(beta: float, alpha: float, gamma: float, divergence: str, verdict_ids: tuple[int, int]) -> LossFn:
+    """SCIR (METHODS 5.2, [MEM] reconstruction): the generative preference comes from the same
+    policy judging both orders of the pair, inside the step, so the consistency term is
+    differentiable in both internal reward models."""
+    from cream_jax import judge  # noqa: PLC0415
+
+    def loss_fn(graphdef, params, batch):
+        chosen, rejected, _, _ = _policy_pair_logps(graphdef, params, batch)
+        model = nnx.merge(graphdef, params)
+        logits_12 = model(batch["judge12_ids"], batch["judge12_mask"])[:, -1]  # (B, V)
+        logits_21 = model(batch["judge21_ids"], batch["judge21_mask"])[:, -1]  # (B, V)
+        p_gen = judge.pairwise_preference(logits_12, logits_21, *verdict_ids)  # (B,) p(y1 better)
+        per_pair, m = losses.scir_loss(
+            chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], p_gen,
+            beta=beta, alpha=alpha, gamma=gamma, divergence=divergence,
+        )
+        w = batch["weight"]
+        loss = _weighted_mean(per_pair, w)
+        metrics = {"loss": loss, **{k: jnp.mean(v) for k, v in m.items()}}
+        return loss, metrics
+
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------
+# The step factory: one jit site, explicit shardings, donated state.
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    graphdef: Any,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    state_sharding: PyTree,
+    grad_accum: int = 1,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """Builds ``train_step(state, batch) -> (state, metrics)``, jitted once.
+
+    With ``grad_accum > 1`` the batch is split into that many micro-batches along its leading axis,
+    their gradients are summed by a scan, and one update is applied.
+    """
+    batch_spec = P(LOGICAL_AXIS_RULES["batch"])
+
+    def grads_of(params, batch):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(graphdef, params, batch)
+        return grads, metrics
+
+    def step(state, batch):
+        lr = batch.pop("lr")
+        params = state["params"]
+        if grad_accum == 1:
+            grads, metrics = grads_of(params, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+            def body(acc, mb):
+                g, m = grads_of(params, mb)
+                return jax.tree.map(jnp.add, acc, g), m
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, metrics = jax.lax.scan(body, zeros, micro)
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+            metrics = jax.tree.map(jnp.mean, metrics)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        updates = jax.tree.map(lambda u: -lr * u, updates)
+        params = optax.apply_updates(params, updates)
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": lr}
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, P())
+
+    def batch_sharding(batch):
+        return {k: replicated if k == "lr" else NamedSharding(mesh, P(*batch_spec, *([None] * (np.ndim(v) - 1))))
+                for k, v in batch.items()}
+
+    compiled = {}
+
+    def train_step(state, batch):
+        key = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+        if key not in compiled:
+            compiled[key] = jax.jit(
+                step,
+                in_shardings=(state_sharding, batch_sharding(batch)),
+                out_shardings=(state_sharding, replicated),
+                donate_argnums=(0,),
+            )
+        return compiled[key](state, batch)
+
+    return train_step
