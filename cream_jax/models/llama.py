@@ -1,0 +1,427 @@
+"""LLaMA-family decoder in Flax NNX, numerically matching ``transformers.LlamaForCausalLM``.
+
+Shape letters: B batch, T time (query positions), S cache slots (key positions), L layers,
+N query heads, K key/value heads, G = N // K query heads per KV head, H head dim, D embed,
+F mlp, V vocab.
+
+Call API (the trainer, the sampler and the scorer depend on it):
+
+* ``model(input_ids [B,T] int32, attention_mask [B,T] | None = None) -> logits [B,T,V] float32``.
+  Positions count from the first real token, ``positions = max(cumsum(mask) - 1, 0)``, so
+  left-padded prompts and "left padding + prompt + response + right padding" rows both work.
+  Attention is causal and ignores padded keys. Padded query positions give finite garbage logits.
+* Decode with a KV cache: ``cache = model.init_cache(batch, max_len)``, then
+  ``logits, cache = model(ids [B,T], mask [B,T], cache=cache)`` writes T new slots at
+  ``cache.index`` (prefill: the whole left-padded prompt; decode: one token per row). The cache
+  is a plain pytree (:class:`KVCache`), so it can be carried through ``lax.while_loop``.
+* ``model.hidden_states(ids, mask, cache=None) -> (h [B,T,D], cache)`` and
+  ``model.logits(h) -> [..., V] float32`` split the call for callers that need only some logits.
+* Pure-functional use: ``graphdef, params = nnx.split(model, nnx.Param)`` once, then
+  ``nnx.merge(graphdef, params)(ids, mask)`` inside any jitted (and differentiated) function.
+
+Layers are created stacked on a leading "layers" axis with ``nnx.vmap`` and run with
+``jax.lax.scan``, so compile time does not grow with depth. Every parameter carries logical axis
+names (``cream_jax.sharding``); the model itself never sees a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Parameters each supported rope scaling type needs (transformers' modeling_rope_utils names).
+_ROPE_KEYS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "linear": ("factor",),
+}
+
+
+def _rope_scaling_tuple(rope_scaling: Any, max_position_embeddings: int) -> tuple | None:
+    """Normalises HF's rope scaling dict to a sorted, hashable tuple of (key, value) pairs."""
+    if rope_scaling is None:
+        return None
+    items = dict(rope_scaling)
+    kind = items.get("rope_type", items.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in _ROPE_KEYS:
+        raise ValueError(f"LlamaConfig.rope_scaling: rope type {kind!r} is not supported (only 'llama3', 'linear')")
+    if kind == "llama3":
+        items.setdefault("original_max_position_embeddings", max_position_embeddings)
+    missing = [k for k in _ROPE_KEYS[kind] if k not in items]
+    if missing:
+        raise ValueError(f"LlamaConfig.rope_scaling: rope type {kind!r} needs {missing}")
+    return (("rope_type", kind),) + tuple((k, items[k]) for k in _ROPE_KEYS[kind])
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """LLaMA hyper-parameters with transformers' field names; frozen and hashable.
+
+    ``rope_scaling`` is None or a hashable tuple of (key, value) pairs (a dict is converted);
+    ``dtype`` ("float32" | "bfloat16") is the dtype of the parameters and activations.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Any = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: Any = 2
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.num_key_value_heads is None:
+            set_("num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            set_("head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.eos_token_id, (list, tuple)):
+            set_("eos_token_id", tuple(int(e) for e in self.eos_token_id))
+        set_("rope_scaling", _rope_scaling_tuple(self.rope_scaling, self.max_position_embeddings))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"LlamaConfig.{name}: must be a positive int, got {getattr(self, name)!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"LlamaConfig.num_attention_heads: {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"LlamaConfig.dtype: must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def jnp_dtype(self) -> Any:
+        return _DTYPES[self.dtype]
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """EOS token ids as a tuple (empty when the config has none)."""
+        if self.eos_token_id is None:
+            return ()
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (int(self.eos_token_id),)
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, dtype: str = "float32") -> "LlamaConfig":
+        """Builds a config from a transformers config object or a config.json dict.
+
+        Reads both the transformers>=5 ``rope_parameters`` form and the older
+        ``rope_theta`` + ``rope_scaling`` form. Raises ValueError for other architectures.
+        """
+        d = dict(hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config)
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"LlamaConfig.from_hf: model_type {d.get('model_type')!r} is not 'llama'")
+        archs = d.get("architectures") or ["LlamaForCausalLM"]
+        if "LlamaForCausalLM" not in archs:
+            raise ValueError(f"LlamaConfig.from_hf: architectures {archs} do not include LlamaForCausalLM")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"LlamaConfig.from_hf: hidden_act {d.get('hidden_act')!r} is not 'silu'")
+        rope = d.get("rope_parameters")
+        if rope:
+            rope_theta, rope_scaling = rope.get("rope_theta", d.get("rope_theta", 10000.0)), rope
+        else:
+            rope_theta, rope_scaling = d.get("rope_theta", 10000.0), d.get("rope_scaling")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling", "dtype"}
+        kwargs = {k: d[k] for k in fields if k in d}
+        return cls(**kwargs, rope_theta=float(rope_theta), rope_scaling=rope_scaling, dtype=dtype)
+
+    def to_hf(self) -> dict:
+        """A config.json dict that ``transformers.LlamaForCausalLM`` loads (v5 and older)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.pop("dtype")
+        rope = dict(self.rope_scaling or (("rope_type", "default"),))
+        d["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        # transformers>=5 reads rope_parameters; older versions read rope_theta and rope_scaling.
+        d["rope_parameters"] = {**rope, "rope_theta": self.rope_theta}
+        d["rope_scaling"] = None if self.rope_scaling is None else rope
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                 dtype=self.dtype, torch_dtype=self.dtype)
+        return d
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [H/2] float32, computed as transformers' modeling_rope_utils does."""
+    dim = config.head_dim
+    inv = np.float32(1.0) / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))
+    if config.rope_scaling is None:
+        return inv
+    p = dict(config.rope_scaling)
+    if p["rope_type"] == "linear":
+        return (inv / np.float32(p["factor"])).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = np.float32(2 * math.pi) / inv
+    inv_l = np.where(wavelen > low_wavelen, inv / np.float32(factor), inv)
+    smooth = (np.float32(old_len) / wavelen - np.float32(low)) / np.float32(high - low)
+    smoothed = (1 - smooth) * inv_l / np.float32(factor) + smooth * inv_l
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, inv_l).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(key: jax.Array, shape: tuple, dtype: Any, std: float) -> jax.Array:
+    # One compiled op per parameter shape (eager init would compile normal, scale and cast apiece).
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple, names: tuple, dtype: Any, std: float | None) -> nnx.Param:
+    """A parameter with logical axis names; ``std=None`` means ones (norms), 0.0 means zeros (biases)."""
+    if std is None:
+        value = jnp.ones(shape, dtype)
+    elif std == 0.0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = _normal(rngs.params(), shape, dtype, std)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32 and cast back before the scale, as transformers does."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * x32.astype(x.dtype)
+
+
+def _rotate(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+    """Rotary embedding in transformers' rotate-half convention (no weight permutation needed)."""
+    half = x_btnh.shape[-1] // 2
+    rot = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+    return x_btnh * cos_bth[:, :, None, :] + rot * sin_bth[:, :, None, :]
+
+
+class KVCache(NamedTuple):
+    """Decode state: keys/values of every layer, which slots hold real tokens, next free slot."""
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    mask: jax.Array  # [B, S] int32, 1 where a slot holds a real (non-pad) token
+    index: jax.Array  # [] int32, the first slot the next call writes
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c, dt, std = config, config.jnp_dtype, config.initializer_range
+        D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.wq = _param(rngs, (D, N, H), ("embed", "heads", "head_dim"), dt, std)
+        self.wk = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dt, std)
+        self.wv = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dt, std)
+        self.wo = _param(rngs, (N, H, D), ("heads", "head_dim", "embed"), dt, std)
+        if c.attention_bias:
+            self.bq = _param(rngs, (N, H), ("heads", "head_dim"), dt, 0.0)
+            self.bk = _param(rngs, (K, H), ("kv_heads", "head_dim"), dt, 0.0)
+            self.bv = _param(rngs, (K, H), ("kv_heads", "head_dim"), dt, 0.0)
+            self.bo = _param(rngs, (D,), ("embed",), dt, 0.0)
+        self.bias = c.attention_bias
+        self.num_kv_heads = K
+
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None):
+        """Attention over the T new positions, or over the S cache slots when ``kv`` is given.
+
+        Args:
+          x_btd: [B,T,D] normalised hidden states.
+          cos_bth, sin_bth: [B,T,H] rotary tables at each query's position.
+          mask_bts: [B,T,S] bool, True where query t may attend key s (S = T without a cache).
+          kv: optional (k [L,B,S,K,H], v [L,B,S,K,H], layer [], index []): the whole cache,
+            this layer's index in it, and the slot where the T new keys and values go.
+
+        Returns:
+          (out [B,T,D], (k, v) with the new keys and values written in, or None without a cache).
+        """
+        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...])
+        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...])
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv[...])
+        if self.bias:
+            q_btnh, k_btkh, v_btkh = q_btnh + self.bq[...], k_btkh + self.bk[...], v_btkh + self.bv[...]
+        q_btnh = _rotate(q_btnh, cos_bth, sin_bth)
+        k_btkh = _rotate(k_btkh, cos_bth, sin_bth)
+        if kv is None:
+            k_bskh, v_bskh, new_kv = k_btkh, v_btkh, None
+        else:
+            # Write only the T new slots into the whole cache (in place inside a decode loop).
+            k_all, v_all, layer, index = kv
+            k_all = jax.lax.dynamic_update_slice(k_all, k_btkh[None].astype(k_all.dtype), (layer, 0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v_btkh[None].astype(v_all.dtype), (layer, 0, index, 0, 0))
+            k_bskh, v_bskh, new_kv = k_all[layer], v_all[layer], (k_all, v_all)
+        B, T, N, H = q_btnh.shape
+        q_btkgh = q_btnh.reshape(B, T, self.num_kv_heads, N // self.num_kv_heads, H)
+        # Scores and softmax in float32 (transformers upcasts the softmax too).
+        s_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+        s_bkgts = s_bkgts * (H ** -0.5)
+        # A finite fill keeps fully masked (padding) query rows NaN-free, also in gradients.
+        s_bkgts = jnp.where(mask_bts[:, None, None], s_bkgts, jnp.finfo(jnp.float32).min)
+        p_bkgts = jax.nn.softmax(s_bkgts, axis=-1).astype(v_bskh.dtype)
+        o_btkgh = jnp.einsum("bkgts,bskh->btkgh", p_bkgts, v_bskh)
+        out_btd = jnp.einsum("btnh,nhd->btd", o_btkgh.reshape(B, T, N, H), self.wo[...])
+        if self.bias:
+            out_btd = out_btd + self.bo[...]
+        return out_btd, new_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c, dt, std = config, config.jnp_dtype, config.initializer_range
+        D, F = c.hidden_size, c.intermediate_size
+        self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), dt, std)
+        self.w_up = _param(rngs, (D, F), ("embed", "mlp"), dt, std)
+        self.w_down = _param(rngs, (F, D), ("mlp", "embed"), dt, std)
+        if c.mlp_bias:
+            self.b_gate = _param(rngs, (F,), ("mlp",), dt, 0.0)
+            self.b_up = _param(rngs, (F,), ("mlp",), dt, 0.0)
+            self.b_down = _param(rngs, (D,), ("embed",), dt, 0.0)
+        self.bias = c.mlp_bias
+
+    def __call__(self, x_btd):
+        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.w_gate[...])
+        up_btf = jnp.einsum("btd,df->btf", x_btd, self.w_up[...])
+        if self.bias:
+            gate_btf, up_btf = gate_btf + self.b_gate[...], up_btf + self.b_up[...]
+        out_btd = jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.w_down[...])
+        return out_btd + self.b_down[...] if self.bias else out_btd
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        D, dt = config.hidden_size, config.jnp_dtype
+        self.input_norm = _param(rngs, (D,), ("norm",), dt, None)
+        self.attn = Attention(config, rngs=rngs)
+        self.post_attn_norm = _param(rngs, (D,), ("norm",), dt, None)
+        self.mlp = MLP(config, rngs=rngs)
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None):
+        a_btd, kv = self.attn(rms_norm(x_btd, self.input_norm[...], self.eps), cos_bth, sin_bth, mask_bts, kv)
+        x_btd = x_btd + a_btd
+        x_btd = x_btd + self.mlp(rms_norm(x_btd, self.post_attn_norm[...], self.eps))
+        return x_btd, kv
+
+
+class Llama(nnx.Module):
+    """LLaMA causal LM. See the module docstring for the call API.
+
+    Args:
+      config: the model's hyper-parameters.
+      rngs: random streams for the initial parameters (normal(0, initializer_range)).
+      remat: recompute each layer's activations in the backward pass (``jax.checkpoint``),
+        trading compute for training memory. A plain attribute: ``model.remat = True`` works too.
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, remat: bool = False):
+        c, dt, std = config, config.jnp_dtype, config.initializer_range
+        self.config = config
+        self.remat = remat
+        self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dt, std)
+
+        @nnx.split_rngs(splits=c.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return DecoderLayer(c, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = _param(rngs, (c.hidden_size,), ("norm",), dt, None)
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), dt, std)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for ``batch`` rows and ``max_len`` slots (prompt + new tokens)."""
+        c = self.config
+        shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        return KVCache(
+            k=jnp.zeros(shape, c.jnp_dtype),
+            v=jnp.zeros(shape, c.jnp_dtype),
+            mask=jnp.zeros((batch, max_len), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def _rope(self, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        inv_freq = jnp.asarray(rope_inv_freq(self.config))  # [H/2]
+        freqs_bth = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+        freqs_bth = jnp.concatenate([freqs_bth, freqs_bth], axis=-1)  # [B,T,H]
+        dt = self.config.jnp_dtype
+        return jnp.cos(freqs_bth).astype(dt), jnp.sin(freqs_bth).astype(dt)
+
+    def hidden_states(self, input_ids, attention_mask=None, *, cache: KVCache | None = None):
+        """Final-norm hidden states [B,T,D] and the updated cache (None without one)."""
+        B, T = input_ids.shape
+        mask_bt = jnp.ones((B, T), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+        if cache is None:
+            positions_bt = jnp.cumsum(mask_bt, axis=1) - 1
+            key_mask_bs, q_slot_t, k_slot_s = mask_bt, jnp.arange(T), jnp.arange(T)
+        else:
+            # Real tokens already cached count towards this row's positions.
+            positions_bt = jnp.sum(cache.mask, axis=1, keepdims=True) + jnp.cumsum(mask_bt, axis=1) - 1
+            key_mask_bs = jax.lax.dynamic_update_slice(cache.mask, mask_bt, (0, cache.index))
+            q_slot_t, k_slot_s = cache.index + jnp.arange(T), jnp.arange(cache.mask.shape[1])
+        positions_bt = jnp.maximum(positions_bt, 0)
+        cos_bth, sin_bth = self._rope(positions_bt)
+        mask_bts = (k_slot_s[None, None, :] <= q_slot_t[None, :, None]) & (key_mask_bs[:, None, :] > 0)
+
+        x_btd = jnp.take(self.embed[...], input_ids, axis=0)
+        layer_def, layer_state = nnx.split(self.layers)
+
+        def layer_fn(state, x_btd, kv):
+            return nnx.merge(layer_def, state)(x_btd, cos_bth, sin_bth, mask_bts, kv)
+
+        if self.remat:
+            layer_fn = jax.checkpoint(layer_fn)
+
+        if cache is None:
+            def body(x_btd, state):
+                return layer_fn(state, x_btd, None)[0], None
+
+            x_btd, _ = jax.lax.scan(body, x_btd, layer_state)
+            new_cache = None
+        else:
+            # The whole cache rides in the carry so that each layer writes its new slots in place.
+            def body(carry, xs):
+                x_btd, k_all, v_all = carry
+                state, layer = xs
+                x_btd, (k_all, v_all) = layer_fn(state, x_btd, (k_all, v_all, layer, cache.index))
+                return (x_btd, k_all, v_all), None
+
+            layers = jnp.arange(self.config.num_hidden_layers)
+            (x_btd, k_all, v_all), _ = jax.lax.scan(body, (x_btd, cache.k, cache.v), (layer_state, layers))
+            new_cache = KVCache(k_all, v_all, key_mask_bs, cache.index + T)
+        return rms_norm(x_btd, self.final_norm[...], self.config.rms_norm_eps), new_cache
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Vocabulary logits [..., V] in float32 from hidden states [..., D]."""
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("...d,vd->...v", h, self.embed[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, *, cache: KVCache | None = None):
+        """Logits [B,T,V] float32, or ``(logits, cache)`` when a cache is passed."""
+        h_btd, new_cache = self.hidden_states(input_ids, attention_mask, cache=cache)
+        logits_btv = self.logits(h_btd)
+        return logits_btv if cache is None else (logits_btv, new_cache)
