@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 PyTree = Any
@@ -132,6 +133,10 @@ def _stored_shape(leaf: Any) -> tuple[int, ...] | None:
 
 class _TargetMismatchError(ValueError):
     """The caller's target differs from a checkpoint: its error, never a reason to skip a step."""
+
+
+class _CallerError(Exception):
+    """Wraps an exception raised by the caller's target function, to re-raise it unchanged."""
 
 
 def _check_target(target: PyTree, saved: PyTree, where: str) -> None:
@@ -332,7 +337,10 @@ class RunCheckpointer:
         if step is not None:
             if step not in self._mgr.all_steps():
                 raise FileNotFoundError(f"RunCheckpointer.restore: no checkpoint {step} in {self.directory}")
-            out = self._restore_step(step, abstract_state)
+            try:
+                out = self._restore_step(step, abstract_state)
+            except _CallerError as e:
+                raise e.__cause__ from None
             self.restored_step = step
             return out
         steps = sorted(self._mgr.all_steps(), reverse=True)
@@ -345,6 +353,8 @@ class RunCheckpointer:
                 out = self._restore_step(candidate, abstract_state)
             except _TargetMismatchError:
                 raise
+            except _CallerError as e:
+                raise e.__cause__ from None
             except Exception as e:  # noqa: BLE001 - any read failure means this step is damaged
                 _log.warning("checkpoint %d in %s cannot be read (%s); trying an older one", candidate, self.directory, e)
                 failed.append(candidate)
@@ -355,7 +365,8 @@ class RunCheckpointer:
             self.restored_step = candidate
             return out
         raise RuntimeError(
-            f"RunCheckpointer.restore: none of the checkpoints {steps} in {self.directory} can be read"
+            f"RunCheckpointer.restore: none of the checkpoints {steps} in {self.directory} can be read; "
+            f"the newest failed with {type(first_error).__name__}: {str(first_error).splitlines()[0][:300]}"
         ) from first_error
 
     def _restore_step(self, step: int, abstract_state: Any) -> tuple[PyTree, dict, dict | None]:
@@ -370,7 +381,12 @@ class RunCheckpointer:
             if meta is None:
                 raise OSError(f"checkpoint {step}: the state item's metadata cannot be read")
             saved = _saved_shapes(meta.tree)
-        target = abstract_state(progress, saved) if callable(abstract_state) else abstract_state
+        target = abstract_state
+        if callable(abstract_state):
+            try:
+                target = abstract_state(progress, saved)
+            except Exception as e:  # noqa: BLE001 - the caller's bug, not a damaged checkpoint
+                raise _CallerError() from e
         where = f"RunCheckpointer.restore (checkpoint {step} in {self.directory})"
         if not json_items.extra["has_state"]:
             if target is not None and jax.tree.leaves(target):
@@ -393,8 +409,6 @@ class RunCheckpointer:
             _log.warning("moving unreadable checkpoint %s to %s", src, dst)
             os.replace(src, dst)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"cream_jax_quarantine_{step}")
         self._mgr.reload()
 

@@ -142,6 +142,20 @@ def test_round_trip_with_and_without_target(tmp_path):
         jax.tree.map(_leaf_equal, state, restored2)
 
 
+def test_async_save_is_safe_against_donation(tmp_path):
+    """The trainer donates its state to the next step right after ``save`` returns."""
+    x = jnp.arange(100_000, dtype=jnp.float32)
+    host = np.arange(10.0)
+    with ck.RunCheckpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"x": x, "host": host}, {})
+        x.delete()  # what donation does to the buffer
+        host[:] = -1.0  # a reused host buffer
+        ckpt.wait()
+        restored, _, _ = ckpt.restore()
+    np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(100_000, dtype=np.float32))
+    np.testing.assert_array_equal(restored["host"], np.arange(10.0))
+
+
 def test_bad_inputs_are_one_line_value_errors(tmp_path):
     with ck.RunCheckpointer(tmp_path, async_save=False) as ckpt:
         state = {"w": jnp.ones((2, 3))}
@@ -307,6 +321,14 @@ def test_callable_target_for_shapes_known_only_from_the_checkpoint(tmp_path):
             }
 
         restored, _, _ = ckpt.restore(abstract_state=target)
+
+        def buggy(progress, saved):
+            return {"params": saved["missing"]}
+
+        for step in (None, 3):  # the caller's exception comes through unchanged; nothing is moved aside
+            with pytest.raises(KeyError, match="missing"):
+                ckpt.restore(step, abstract_state=buggy)
+        assert ckpt.all_steps() == [3]
     assert seen["progress"] == {"iteration": 2, "num_pairs": 5}
     assert seen["pairs"].shape == (5, 3) and seen["pairs"].dtype == np.int32
     assert restored["pairs"].sharding == SingleDeviceSharding(jax.devices()[1])
@@ -393,7 +415,8 @@ def test_model_store(tmp_path):
     with pytest.raises(ValueError, match="model name '../x' must match"):
         store.save("../x", m0)
     with pytest.raises(ValueError, match=r"target leaf 'norm' has shape \(7,\)"):
-        store.load("m0", {**jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), m0), "norm": jax.ShapeDtypeStruct((7,), jnp.float32)})
+        wrong = {**jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), m0), "norm": jax.ShapeDtypeStruct((7,), jnp.float32)}
+        store.load("m0", wrong)
     store.close()
 
 
