@@ -3,8 +3,8 @@
 CREAM (METHODS.md 2.2 d, 2.3) ranks the N responses of each prompt with the current and the previous
 model's reward and turns the agreement of the two rankings into a consistency rate C in [0, 1].
 Everything here is a plain ``jnp`` function over arrays ``[..., N]`` (any leading batch shape, one
-ranking per leading index), safe under ``jax.jit`` and ``jax.vmap``; the pairwise sign kernel is
-O(N^2) per prompt with no Python loop over prompts or responses.
+ranking per leading index), safe under ``jax.jit`` and ``jax.vmap``; the Kendall pairwise sign kernel is
+O(N^2) per prompt, a ``lax.scan`` over the pairs, vectorized over all prompts at once.
 
 Masks: ``mask [..., N]`` (True = a real response) drops padded responses, so prompts may have
 different numbers of valid responses. Non-finite rewards (NaN: e.g. a judge that failed to parse)
@@ -19,8 +19,9 @@ Shape letters: B batch (prompts; any number of leading axes), N responses per pr
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 _TIES = ("b", "ordinal")
 _METHODS = ("kendall", "spearman", "toporder")
@@ -48,18 +49,48 @@ def _check(x, y, mask, fn: str):
     return jnp.where(valid, x, 0), jnp.where(valid, y, 0), valid
 
 
-def _pair_signs(x, valid):
-    """Signs of x_i - x_j over the N(N-1)/2 pairs i < j and the validity of each pair.
+def _pair_counts(x, y, valid, ordinal: bool):
+    """Pair statistics of two rankings over the N(N-1)/2 pairs i < j.
+
+    A ``lax.scan`` over the static pair list with [M]-vector carries: every step is elementwise over
+    the prompts, which XLA vectorizes well on CPU, and compile time does not grow with N (unrolled
+    pairs or [M, N, N] reductions over short rows were 3-10x slower; bench/consistency.py).
 
     Args:
-      x: [..., N] float.
+      x: [..., N] float, zero where invalid.
+      y: [..., N] float, zero where invalid.
       valid: [..., N] bool.
+      ordinal: break ties by position (rankdata "ordinal": for i < j the earlier one ranks lower).
 
     Returns:
-      (sign [..., P] float, pair_valid [..., P] bool) with P = N(N-1)/2.
+      (n_pairs, concordant_minus_discordant, tied_x, tied_y), each [...] float, counted over the
+      pairs whose two entries are valid.
     """
-    i, j = np.triu_indices(x.shape[-1], k=1)  # static: N is a static shape
-    return jnp.sign(x[..., i] - x[..., j]), valid[..., i] & valid[..., j]
+    lead, n = x.shape[:-1], x.shape[-1]
+    xt, yt, vt = (a.reshape(-1, n).T for a in (x, y, valid))  # [N, M]: prompts on the minor axis
+    zero = jnp.zeros(xt.shape[1], x.dtype)
+    first, second = np.triu_indices(n, k=1)  # static: N is a static shape
+
+    def step(carry, pair):
+        n_pairs, cmd, tied_x, tied_y = carry
+        i, j = pair
+        pv = vt[i] & vt[j]
+        sx = jnp.sign(xt[i] - xt[j])
+        sy = jnp.sign(yt[i] - yt[j])
+        if ordinal:
+            # METHODS 2.3 / 2.7-8: the official code ranks with rankdata(method="ordinal"), so a tied
+            # pair i < j gets sign(rank_i - rank_j) = -1 and no pair is tied.
+            sx = jnp.where(sx == 0, -1.0, sx)
+            sy = jnp.where(sy == 0, -1.0, sy)
+        return (
+            n_pairs + pv,
+            cmd + jnp.where(pv, sx * sy, 0.0),  # tied pairs contribute 0 (METHODS 1)
+            tied_x + (pv & (sx == 0)),
+            tied_y + (pv & (sy == 0)),
+        ), None
+
+    carry, _ = lax.scan(step, (zero,) * 4, (jnp.asarray(first), jnp.asarray(second)), unroll=4)
+    return tuple(c.reshape(lead) for c in carry)
 
 
 def _kendall(x, y, mask, ties: str):
@@ -67,18 +98,9 @@ def _kendall(x, y, mask, ties: str):
     if ties not in _TIES:
         raise ValueError(f"kendall_tau: ties must be one of {_TIES}, got {ties!r}")
     x, y, valid = _check(x, y, mask, "kendall_tau")
-    sx, pv = _pair_signs(x, valid)
-    sy, _ = _pair_signs(y, valid)
-    if ties == "ordinal":
-        # rankdata(method="ordinal") breaks a tie by position: for i < j the earlier one ranks lower,
-        # so a tied pair gets sign(rank_i - rank_j) = -1 (METHODS 2.3, official code; 2.7-8).
-        sx = jnp.where(sx == 0, -1.0, sx)
-        sy = jnp.where(sy == 0, -1.0, sy)
-    pvf = pv.astype(x.dtype)
-    n0 = jnp.sum(pvf, axis=-1)  # valid pairs
-    con_minus_dis = jnp.sum(pvf * sx * sy, axis=-1)  # tied pairs contribute 0 (METHODS 1)
-    untied_x = n0 - jnp.sum(pvf * (sx == 0), axis=-1)
-    untied_y = n0 - jnp.sum(pvf * (sy == 0), axis=-1)
+    n0, con_minus_dis, tied_x, tied_y = _pair_counts(x, y, valid, ordinal=ties == "ordinal")
+    untied_x = n0 - tied_x
+    untied_y = n0 - tied_y
     # tau-b = (P - Q) / sqrt((n0 - n1) (n0 - n2)) as scipy.stats.kendalltau (variant "b"); without
     # ties it is tau-a of METHODS 1.
     defined = (untied_x > 0) & (untied_y > 0)
@@ -104,6 +126,12 @@ def kendall_tau(x, y, mask=None, ties: str = "b"):
     return _kendall(x, y, mask, ties)[0]
 
 
+def _varies(x, valid):
+    """[...] bool: the valid entries of x are not all equal (so at least 2 are valid)."""
+    inf = jnp.asarray(jnp.inf, x.dtype)
+    return jnp.max(jnp.where(valid, x, -inf), axis=-1) > jnp.min(jnp.where(valid, x, inf), axis=-1)
+
+
 def _average_ranks(x, valid):
     """Average ranks (1-based, ties share their mean rank) among the valid entries; [..., N]."""
     xi = x[..., :, None]
@@ -123,11 +151,8 @@ def _spearman(x, y, mask):
     ry = _average_ranks(y, valid)
     cx = (rx - jnp.sum(rx * vf, axis=-1, keepdims=True) / jnp.maximum(n, 1.0)) * vf
     cy = (ry - jnp.sum(ry * vf, axis=-1, keepdims=True) / jnp.maximum(n, 1.0)) * vf
-    # Defined iff both rankings have at least one untied valid pair; tested exactly on the signs
-    # instead of on a float variance that may be a rounding residue.
-    sx, pv = _pair_signs(x, valid)
-    sy, _ = _pair_signs(y, valid)
-    defined = jnp.any(pv & (sx != 0), axis=-1) & jnp.any(pv & (sy != 0), axis=-1)
+    # Tested exactly on the values, not on a float variance that may be a rounding residue.
+    defined = _varies(x, valid) & _varies(y, valid)
     sxx = jnp.sum(cx * cx, axis=-1)
     syy = jnp.sum(cy * cy, axis=-1)
     denom = jnp.sqrt(jnp.where(defined, sxx * syy, 1.0))
@@ -157,9 +182,7 @@ def _top_order(x, y, mask):
     # First occurrence on ties, like np.argmax / np.argmin in the official pair construction.
     same_best = jnp.argmax(jnp.where(valid, x, -inf), axis=-1) == jnp.argmax(jnp.where(valid, y, -inf), axis=-1)
     same_worst = jnp.argmin(jnp.where(valid, x, inf), axis=-1) == jnp.argmin(jnp.where(valid, y, inf), axis=-1)
-    sx, pv = _pair_signs(x, valid)
-    sy, _ = _pair_signs(y, valid)
-    defined = jnp.any(pv & (sx != 0), axis=-1) & jnp.any(pv & (sy != 0), axis=-1)
+    defined = _varies(x, valid) & _varies(y, valid)
     return jnp.where(defined & same_best & same_worst, 1.0, 0.0).astype(x.dtype), defined
 
 

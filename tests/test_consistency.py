@@ -98,6 +98,7 @@ def test_special_rankings():
         assert float(fn(x, -x)[0]) == pytest.approx(-1.0, abs=1e-6)
         assert float(fn(np.full_like(x, 2.0), x)[0]) == 0.0  # constant ranking: undefined -> 0
         assert float(fn(x, x, np.array([[True, False, False, False]]))[0]) == 0.0  # < 2 valid
+        assert float(fn(x[:, :1], x[:, :1])[0]) == 0.0  # N = 1
     assert float(_rate(x, x)[0]) == pytest.approx(1.0, abs=1e-6)
     assert float(_rate(x, -x)[0]) == pytest.approx(0.0, abs=1e-6)
     assert float(_rate(x, x, method="spearman")[0]) == pytest.approx(1.0, abs=1e-6)
