@@ -54,9 +54,14 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+def _encode_many(tokenizer, texts: list[str], offsets: bool = True) -> list[tuple[list[int], list]]:
+    """Token ids (and character offsets) of many texts, in one batched call: the Rust tokenizer
+    is several times faster on a batch than text by text."""
+    if not texts:
+        return []
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+    offs = enc["offset_mapping"] if offsets else [[]] * len(texts)
+    return [(list(ids), list(o)) for ids, o in zip(enc["input_ids"], offs)]
 
 
 def _prefix(tokenizer, messages: list[dict], upto: int, generation: bool, full: str, name: str) -> int:
@@ -101,7 +106,7 @@ def encode_sft(
       the assistant content and its end-of-turn token (plus the header if asked).
     """
     _check_overflow(on_overflow)
-    rows, masks = [], []
+    fulls, all_spans = [], []
     for i, messages in enumerate(messages_list):
         full = _render(tokenizer, messages, False)
         spans = []
@@ -112,7 +117,10 @@ def encode_sft(
                 spans.append((start, end))
         if not spans:
             raise ValueError(f"encode_sft: {_name(ids, i)} has no assistant turn")
-        tokens, offsets = _encode(tokenizer, full)
+        fulls.append(full)
+        all_spans.append(spans)
+    rows, masks = [], []
+    for (tokens, offsets), spans in zip(_encode_many(tokenizer, fulls), all_spans):
         rows.append(tokens)
         masks.append([int(any(a <= s < b for a, b in spans)) for s, _ in offsets])
     longest = max(len(r) for r in rows)
@@ -153,7 +161,7 @@ def encode_prompts(
       (prompt_ids [B, Tp] int32, prompt_mask [B, Tp] int32, n_truncated).
     """
     _check_overflow(on_overflow)
-    rows = [_encode(tokenizer, _render(tokenizer, m, True))[0] for m in messages_list]
+    rows = [t for t, _ in _encode_many(tokenizer, [_render(tokenizer, m, True) for m in messages_list])]
     Tp = bucket_length(max(len(r) for r in rows)) if max_prompt_len is None else max_prompt_len
     prompt_ids = np.full((len(rows), Tp), pad_id(tokenizer), np.int32)
     prompt_mask = np.zeros((len(rows), Tp), np.int32)
@@ -210,8 +218,9 @@ def join_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask, h
 def assistant_header_len(tokenizer) -> int:
     """Tokens the generation prompt adds after the last user turn (4 for Llama-3's template)."""
     messages = [{"role": "user", "content": "x"}]
-    with_header = _encode(tokenizer, _render(tokenizer, messages, True))[0]
-    without = _encode(tokenizer, _render(tokenizer, messages, False))[0]
+    (with_header, _), (without, _) = _encode_many(
+        tokenizer, [_render(tokenizer, messages, True), _render(tokenizer, messages, False)]
+    )
     if with_header[: len(without)] != without:
         raise ValueError("assistant_header_len: the generation prompt does not extend the rendered prompt")
     return len(with_header) - len(without)
@@ -246,21 +255,24 @@ def encode_responses(
     widths = {len(r) for r in responses}
     if len(prompts) != len(responses) or len(widths) != 1:
         raise ValueError(f"encode_responses: {len(prompts)} prompts, response counts {sorted(widths)} (need one R)")
-    rows = []
-    for i, (prompt, texts) in enumerate(zip(prompts, responses)):
-        head_text = _render(tokenizer, prompt, True)
-        head = _encode(tokenizer, head_text)[0]
+    R = widths.pop()
+    head_texts = [_render(tokenizer, prompt, True) for prompt in prompts]
+    heads = [t for t, _ in _encode_many(tokenizer, head_texts)]
+    fulls = []
+    for prompt, head_text, texts in zip(prompts, head_texts, responses):
         for text in texts:
             full = _render(tokenizer, list(prompt) + [{"role": "assistant", "content": text}], False)
             if not full.startswith(head_text):
                 raise ValueError("encode_responses: the rendered prompt is not a prefix of the rendered conversation")
-            tokens, offsets = _encode(tokenizer, full)
-            n_head = sum(s < len(head_text) for s, _ in offsets)
-            if tokens[:n_head] != head:
-                raise ValueError(f"encode_responses: {_name(ids, i)}: the tokenizer merges across the "
-                                 "prompt/response boundary; prompt tokens differ from the sampled prompt")
-            rows.append(tokens[n_head:])
-    R = widths.pop()
+            fulls.append(full)
+    rows = []
+    for k, (tokens, offsets) in enumerate(_encode_many(tokenizer, fulls)):
+        head_text, head = head_texts[k // R], heads[k // R]
+        n_head = sum(s < len(head_text) for s, _ in offsets)
+        if tokens[:n_head] != head:
+            raise ValueError(f"encode_responses: {_name(ids, k // R)}: the tokenizer merges across the "
+                             "prompt/response boundary; prompt tokens differ from the sampled prompt")
+        rows.append(tokens[n_head:])
     Tr = bucket_length(max(len(r) for r in rows)) if max_response_len is None else max_response_len
     response_ids = np.full((len(rows), Tr), pad_id(tokenizer), np.int32)
     response_mask = np.zeros((len(rows), Tr), np.int32)
@@ -329,16 +341,19 @@ def encode_corpus(tokenizer, items: Sequence[Mapping], seq_len: int) -> dict[str
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("encode_corpus: tokenizer has no eos token to end plain-text documents")
-    stream: list[int] = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id]
+    texts = []
     for i, item in enumerate(items):
         if "messages" in item:
-            stream += _encode(tokenizer, _render(tokenizer, item["messages"], False))[0]
+            texts.append(_render(tokenizer, item["messages"], False))
         elif "text" in item:
-            stream += bos + _encode(tokenizer, item["text"])[0] + eos
+            texts.append(item["text"])
         else:
             raise ValueError(f"encode_corpus: item {i} has neither 'text' nor 'messages'")
+    stream: list[int] = []
+    for item, (tokens, _) in zip(items, _encode_many(tokenizer, texts, offsets=False)):
+        stream += tokens if "messages" in item else bos + tokens + eos
     n_rows = -(-len(stream) // seq_len)
     ids = np.full(n_rows * seq_len, pad_id(tokenizer), np.int32)
     mask = np.zeros(n_rows * seq_len, np.int32)
