@@ -130,3 +130,29 @@ def random_batch(batch: int, length: int, vocab: int, seed: int = 0, left_pad: b
     mask = (pos >= length - lens[:, None]) if left_pad else (pos < lens[:, None])
     mask = mask.astype(np.int32)
     return np.where(mask > 0, ids, 0).astype(np.int32), mask
+
+
+def random_llama(config, seed: int = 0, std: float = 0.2):
+    """A cream_jax ``Llama`` for ``config`` with numpy-random parameters (norms near 1).
+
+    Built abstractly and filled from numpy, so it costs no XLA compilation (a random init via
+    ``Llama(config, rngs=...)`` compiles one threefry kernel per parameter shape).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cream_jax.models.llama import Llama
+
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    pure = nnx.to_pure_dict(state)
+
+    def fill(path, x):
+        base = 1.0 if "norm" in str(path[-1]) else 0.0
+        return jnp.asarray((base + std * rng.standard_normal(x.shape)).astype(np.float32), dtype=x.dtype)
+
+    pure = jax.tree_util.tree_map_with_path(fill, pure)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)

@@ -13,7 +13,7 @@ from flax import nnx
 from cream_jax import sharding
 from cream_jax.models.hf import load_hf_llama
 from cream_jax.models.llama import Llama, LlamaConfig, rope_inv_freq
-from tests._tiny_models import TINY_LLAMA, random_batch, save_tiny_llama, tiny_hf_config
+from tests._tiny_models import TINY_LLAMA, random_batch, random_llama, save_tiny_llama, tiny_hf_config
 
 TOL = 1e-4  # modules, float32 (never relaxed)
 
@@ -88,12 +88,12 @@ def test_rope_inv_freq_matches_transformers(variant):
 
 
 def _tiny_model(seed=0, **kw):
-    cfg = LlamaConfig(**{**{k: v for k, v in TINY_LLAMA.items()}, **kw})
-    return Llama(cfg, rngs=nnx.Rngs(seed)), cfg
+    cfg = LlamaConfig(**{**TINY_LLAMA, **kw})
+    return random_llama(cfg, seed), cfg
 
 
 def test_kv_cache_decode_equals_full_forward():
-    model, cfg = _tiny_model(initializer_range=0.2)
+    model, cfg = _tiny_model()
     ids, mask = random_batch(3, 10, cfg.vocab_size, seed=3, left_pad=True, min_len=4)
     full = np.asarray(forward(model, ids, mask))
     prompt = 6  # prefill 6 slots (left-padded), then decode the remaining 4 one by one
@@ -126,7 +126,7 @@ def test_pure_functional_merge_jit_grad_and_remat():
     grads_remat = jax.jit(jax.grad(loss), static_argnums=1)(params, graphdef_remat)
     for g, gr in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
         assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
-        np.testing.assert_allclose(np.asarray(gr), np.asarray(g), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(gr), np.asarray(g), atol=TOL, rtol=TOL)
 
 
 def test_fully_padded_row_has_finite_logits_and_grads():
@@ -153,8 +153,9 @@ def test_forward_jit_does_not_retrace():
         fwd(params, jnp.asarray(ids), jnp.asarray(mask))
 
 
-def test_every_param_has_logical_names():
-    model, _ = _tiny_model(attention_bias=True, mlp_bias=True)
+def test_random_init_stacks_distinct_layers_with_logical_names():
+    cfg = LlamaConfig(**TINY_LLAMA, attention_bias=True, mlp_bias=True)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     assert sharding.unnamed_params(state) == []
     names = sharding.param_logical_names(state)
@@ -163,7 +164,12 @@ def test_every_param_has_logical_names():
     assert names["layers"]["mlp"]["w_down"] == ("layers", "mlp", "embed")
     assert names["layers"]["input_norm"] == ("layers", "norm")
     assert names["embed"] == ("vocab", "embed") and names["lm_head"] == ("embed", "vocab")
-    assert state["layers"]["attn"]["wq"][...].shape == (2, 64, 4, 16)
+    wq = np.asarray(state["layers"]["attn"]["wq"][...])
+    assert wq.shape == (2, 64, 4, 16)
+    assert not np.allclose(wq[0], wq[1])  # each layer got its own key
+    assert abs(wq.std() - cfg.initializer_range) < 0.1 * cfg.initializer_range
+    np.testing.assert_array_equal(np.asarray(state["layers"]["input_norm"][...]), 1.0)
+    np.testing.assert_array_equal(np.asarray(state["layers"]["attn"]["bq"][...]), 0.0)
 
 
 def test_bfloat16_params_float32_logits():
