@@ -94,6 +94,10 @@ def test_encode_sft_overflow(tok):
     assert out["attention_mask"].sum() == 10
     with pytest.raises(ValueError, match="has no assistant turn"):
         encode_sft(tok, [chat("q")])
+    with pytest.raises(ValueError, match="encode_sft: no examples"):
+        encode_sft(tok, [])
+    with pytest.raises(ValueError, match="on_overflow must be one of"):
+        encode_prompts(tok, [chat("q")], 8, "drop")
 
 
 def test_encode_prompts_left_pads_and_truncates(tok):

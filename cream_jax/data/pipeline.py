@@ -73,7 +73,9 @@ def _prefix(tokenizer, messages: list[dict], upto: int, generation: bool, full: 
     return len(head)
 
 
-def _check_overflow(on_overflow: str) -> None:
+def _check(name: str, examples: Sequence, on_overflow: str) -> None:
+    if not examples:
+        raise ValueError(f"{name}: no examples")
     if on_overflow not in ON_OVERFLOW:
         raise ValueError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
 
@@ -105,7 +107,7 @@ def encode_sft(
       {"input_ids", "attention_mask", "loss_mask"}: int32 [B, T], right-padded; loss_mask is 1 on
       the assistant content and its end-of-turn token (plus the header if asked).
     """
-    _check_overflow(on_overflow)
+    _check("encode_sft", messages_list, on_overflow)
     fulls, all_spans = [], []
     for i, messages in enumerate(messages_list):
         full = _render(tokenizer, messages, False)
@@ -160,7 +162,7 @@ def encode_prompts(
     Returns:
       (prompt_ids [B, Tp] int32, prompt_mask [B, Tp] int32, n_truncated).
     """
-    _check_overflow(on_overflow)
+    _check("encode_prompts", messages_list, on_overflow)
     rows = [t for t, _ in _encode_many(tokenizer, [_render(tokenizer, m, True) for m in messages_list])]
     Tp = bucket_length(max(len(r) for r in rows)) if max_prompt_len is None else max_prompt_len
     prompt_ids = np.full((len(rows), Tp), pad_id(tokenizer), np.int32)
@@ -251,7 +253,7 @@ def encode_responses(
     Returns:
       (response_ids [B, R, Tr] int32, response_mask [B, R, Tr] int32), right-padded.
     """
-    _check_overflow(on_overflow)
+    _check("encode_responses", prompts, on_overflow)
     widths = {len(r) for r in responses}
     if len(prompts) != len(responses) or len(widths) != 1:
         raise ValueError(f"encode_responses: {len(prompts)} prompts, response counts {sorted(widths)} (need one R)")
