@@ -227,16 +227,18 @@ def _group_by_task(eval_sets: Mapping[str, Sequence[dict]] | Sequence[dict]) -> 
 
 
 def _batched(fn: Callable[[list], list], inputs: list, batch_size: int) -> list:
-    """Calls ``fn`` on chunks of exactly ``batch_size`` (the last chunk is padded by repeating its
-    final element, outputs for the padding are dropped) so a jitted ``fn`` compiles once."""
+    """Calls ``fn`` on chunks of exactly ``min(batch_size, len(inputs))`` inputs (the last chunk
+    is padded by repeating its final element, outputs for the padding are dropped), so a jitted
+    ``fn`` sees one shape per eval set and compiles once."""
+    size = min(batch_size, len(inputs))
     outputs: list = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
+    for start in range(0, len(inputs), size):
+        chunk = inputs[start:start + size]
         n = len(chunk)
-        chunk = chunk + [chunk[-1]] * (batch_size - n)
+        chunk = chunk + [chunk[-1]] * (size - n)
         result = list(fn(chunk))
-        if len(result) != batch_size:
-            raise ValueError(f"evaluate: callable returned {len(result)} outputs for a batch of {batch_size}")
+        if len(result) != size:
+            raise ValueError(f"evaluate: callable returned {len(result)} outputs for a batch of {size}")
         outputs.extend(result[:n])
     return outputs
 
@@ -254,9 +256,10 @@ def evaluate(
     """Accuracy per task of greedy generations on held-out sets.
 
     Args:
-      generate_fn: maps a list of exactly ``batch_size`` chat message lists to as many texts.
+      generate_fn: maps a list of chat message lists to as many texts; every call of one eval set
+        gets exactly ``min(batch_size, len(set))`` prompts (the last batch is padded).
       eval_sets: ``{task: [{"id", "question", "label"}, ...]}`` or a flat list of items with "task".
-      batch_size: prompts per call of ``generate_fn`` / ``score_fn``.
+      batch_size: maximum prompts per call of ``generate_fn`` / ``score_fn``.
       extractor: "default" or "cream_official".
       suffix: appended to every question (e.g. CREAM's "\\nAnswer the question by thinking step by
         step. ..." instruction); empty for the embedded suite, whose format is learned in SFT.

@@ -145,6 +145,9 @@ def test_evaluate_batches_pads_and_scores():
     assert calls == [2, 2]  # the last batch is padded to the static batch size
     assert [o["correct"] for o in outputs["arith"]] == [True, False, False]
     assert outputs["arith"][1]["prediction"] == "5"
+    calls.clear()
+    assert evaluate(generate_fn, sets, batch_size=10**9) == acc  # one call of the set's size, no padding
+    assert calls == [3]
 
 
 def test_evaluate_flat_list_suffix_and_likelihood_mode():
