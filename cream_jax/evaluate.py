@@ -243,6 +243,19 @@ def _batched(fn: Callable[[list], list], inputs: list, batch_size: int) -> list:
     return outputs
 
 
+def _prompt(task: str, item: Mapping, suffix: str) -> list[dict]:
+    """The chat of an eval item: its "messages", else one user turn with its "question"; the
+    suffix is appended to the last (user) turn."""
+    if "messages" in item:
+        messages = [dict(m) for m in item["messages"]]
+    elif "question" in item:
+        messages = [{"role": "user", "content": item["question"]}]
+    else:
+        raise ValueError(f"evaluate: item {item.get('id')!r} of {task!r} has neither 'question' nor 'messages'")
+    messages[-1]["content"] += suffix
+    return messages
+
+
 def evaluate(
     generate_fn: Callable[[list[list[dict]]], list[str]],
     eval_sets: Mapping[str, Sequence[dict]] | Sequence[dict],
@@ -258,7 +271,8 @@ def evaluate(
     Args:
       generate_fn: maps a list of chat message lists to as many texts; every call of one eval set
         gets exactly ``min(batch_size, len(set))`` prompts (the last batch is padded).
-      eval_sets: ``{task: [{"id", "question", "label"}, ...]}`` or a flat list of items with "task".
+      eval_sets: ``{task: [{"id", "question", "label"}, ...]}`` or a flat list of items with "task";
+        an item may give its prompt as "messages" (a chat ending with the user turn) instead.
       batch_size: maximum prompts per call of ``generate_fn`` / ``score_fn``.
       extractor: "default" or "cream_official".
       suffix: appended to every question (e.g. CREAM's "\\nAnswer the question by thinking step by
@@ -279,9 +293,9 @@ def evaluate(
         if not items:
             raise ValueError(f"evaluate: eval set {task!r} is empty")
         kind = task_kind(task)
-        prompts = [[{"role": "user", "content": item["question"] + suffix}] for item in items]
+        prompts = [_prompt(task, item, suffix) for item in items]
         if score_fn is not None and kind == "choice":
-            options = [list(item.get("options") or parse_options(item["question"])) for item in items]
+            options = [list(item.get("options") or parse_options(p[-1]["content"])) for item, p in zip(items, prompts)]
             for item, opts in zip(items, options):
                 if len(opts) < 2:
                     raise ValueError(f"evaluate: item {item.get('id')!r} of {task!r} has fewer than 2 options")

@@ -172,3 +172,8 @@ def test_evaluate_flat_list_suffix_and_likelihood_mode():
 
     acc = evaluate(generate_fn, items, batch_size=4, score_fn=score_fn)
     assert acc == {"choice": 0.5, "arith": 0.0}  # choice answered "C" by likelihood, arith generated
+    chat_items = [{"id": "m", "messages": [{"role": "user", "content": "Who? (A) x (B) y"}], "label": "B", "task": "choice"}]
+    assert evaluate(generate_fn, chat_items, batch_size=4, suffix="!") == {"choice": 1.0}
+    assert seen[-1] == "Who? (A) x (B) y!"
+    with pytest.raises(ValueError, match="item 'z' of 'arith' has neither 'question' nor 'messages'"):
+        evaluate(generate_fn, {"arith": [{"id": "z", "label": "1"}]}, batch_size=1)
