@@ -91,15 +91,16 @@ def load_task_data(cfg: RunConfig) -> TaskData:
         tests = {task: [{"id": x["id"], "messages": [{"role": "user", "content": x["question"]}], "label": x["label"], "task": task}
                         for x in items] for task, items in suite.test.items()}
         return TaskData(list(suite.pretrain), sft, pools, tests, synthetic.verify)
-    sft = sources.load_sft(data.sft_path, on_error=data.on_bad_row)
+    sft = [x["messages"] for x in sources.load_sft_chats(data.sft_path, on_error=data.on_bad_row).items]
     if len(data.prompt_paths) < cfg.iterations:
         raise ValueError(
             f"config: data.prompt_paths has {len(data.prompt_paths)} files, run.iterations={cfg.iterations} needs one per iteration"
         )
-    pools = [sources.load_prompts(p, on_error=data.on_bad_row) for p in data.prompt_paths]
+    pools = [[{"id": p["id"], "messages": p["messages"], "task": p.get("task"), "label": p.get("answer")}
+              for p in sources.load_prompt_pool(path, on_error=data.on_bad_row).items] for path in data.prompt_paths]
     tests: dict[str, list[dict]] = {}
     for path in data.eval_paths:
-        for item in sources.load_eval(path, on_error=data.on_bad_row):
+        for item in sources.load_eval_set(path, on_error=data.on_bad_row).items:
             tests.setdefault(item.get("task") or Path(path).stem, []).append(item)
     return TaskData([], sft, pools, tests, synthetic.verify)
 
@@ -299,23 +300,12 @@ def _global_step(run: Run, progress_base: dict, step: int) -> int:
 
 
 def pretrain_records(run: Run) -> dict:
-    """The synthetic corpus, tokenized and packed into ``seq_len`` chunks (documents separated by EOS)."""
-    seq_len = run.cfg.pretrain.seq_len
-    tok = run.tokenizer
-    stream: list[int] = []
-    for item in run.data.pretrain_texts:
-        text = item["text"] if "text" in item else tok.apply_chat_template(item["messages"], tokenize=False)
-        stream += tok.encode(text, add_special_tokens=False) + [run.tokens.eos_ids[0]]
-    n = len(stream) // seq_len
-    if n == 0:
-        raise ValueError(f"pretrain: corpus has {len(stream)} tokens, fewer than one sequence of {seq_len}")
-    ids = np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
-    ones = np.ones_like(ids)
-    return {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
+    """The synthetic corpus, tokenized and packed into ``seq_len`` rows."""
+    return pipeline.encode_corpus(run.tokenizer, run.data.pretrain_texts, run.cfg.pretrain.seq_len)
 
 
 def sft_records(run: Run) -> dict:
-    enc = pipeline.encode_sft(run.tokenizer, run.data.sft, run.cfg.sft.max_len)
+    enc = pipeline.encode_sft(run.tokenizer, run.data.sft, run.cfg.sft.max_len, on_overflow="truncate")
     return {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
 
 
@@ -343,7 +333,7 @@ def evaluate_model(run: Run, params: Any, key: jax.Array) -> tuple[dict, list]:
     tests = run.data.tests
     if cfg.eval.num_per_task:
         tests = {k: v[: cfg.eval.num_per_task] for k, v in tests.items()}
-    acc = evaluate.evaluate(generate_fn, tests, batch_size=10**9)
+    acc = evaluate.evaluate(generate_fn, tests, batch_size=cfg.eval.batch_size)
     return {k: float(v) for k, v in acc.items()}, samples[: cfg.eval.num_logged_samples]
 
 
@@ -580,7 +570,8 @@ def run_loop(cfg: RunConfig, workdir: str | os.PathLike) -> dict:
         if cfg.export_hf:
             hf.save_hf_llama(run.model(new_policy), run.model_config, run.workdir / "hf" / f"M{t + 1}")
         run.models["policy"] = new_policy
-        seconds = {**stats["seconds"], "curate_total": curate_seconds, "train": train_seconds, "eval": eval_seconds}
+        seconds = {**stats["seconds"], "train": train_seconds, "eval": eval_seconds}
+        seconds["total"] = curate_seconds + train_seconds + eval_seconds
         row = {"iteration": t, "model": f"M{t + 1}", "accuracy": acc, "reward_accuracy": stats["reward_accuracy"],
                "consistency": {"mean": stats["consistency"]["mean"], "std": stats["consistency"]["std"]},
                "pairs_kept": stats["pairs_kept"], "pairs_tied": stats["pairs_tied"], "seconds": seconds,
