@@ -1,0 +1,160 @@
+"""Batched autoregressive sampling with a KV cache: one jitted prefill + ``lax.while_loop`` decode.
+
+Shape letters: B batch (prompts), R responses per prompt (``num_samples``), T prompt time,
+M new tokens (``max_new_tokens``), S = T + M cache slots, V vocab.
+
+The prompt is prefilled once per prompt and its cache repeated R times (cheaper than repeating
+the prompts: the prefill is the longest forward of the call). The decode loop stops as soon as
+every row has produced an EOS. Sampling follows transformers' logits processors in the same
+order: temperature, then top-k, then top-p (nucleus); ``temperature=0`` is greedy (argmax).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Number of times the generate kernel was traced (tests check that repeated calls do not retrace).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+_KERNELS: dict[Any, Callable] = {}
+
+
+class _Static(NamedTuple):
+    """Everything that changes the compiled program apart from input shapes and shardings."""
+
+    num_samples: int
+    max_new_tokens: int
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    eos_ids: tuple[int, ...]
+    pad_id: int
+
+
+def _filter_logits(logits_bv: jax.Array, temperature: jax.Array, top_p: jax.Array, s: _Static) -> jax.Array:
+    """Temperature, top-k and top-p as transformers' warpers apply them; removed tokens get -inf."""
+    logits_bv = logits_bv / temperature
+    if s.top_k > 0:
+        kth_b1 = jax.lax.top_k(logits_bv, s.top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
+    if s.use_top_p:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays if
+        # the mass of the tokens strictly more likely than it is below top_p (so the top one stays).
+        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+        keep_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv < top_p
+        cutoff_b1 = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+        logits_bv = jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
+    return logits_bv
+
+
+def _next_token(logits_bv, key, temperature, top_p, s: _Static) -> jax.Array:
+    if s.greedy:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, _filter_logits(logits_bv, temperature, top_p, s), axis=-1).astype(jnp.int32)
+
+
+def _kernel(graphdef: Any, s: _Static) -> Callable:
+    key_ = (graphdef, s)
+    if key_ in _KERNELS:
+        return _KERNELS[key_]
+
+    @jax.jit
+    def run(state, prompt_ids, prompt_mask, key, temperature, top_p):
+        TRACE_COUNTS["generate"] += 1
+        model = nnx.merge(graphdef, state)
+        B, T = prompt_ids.shape
+        R, M = s.num_samples, s.max_new_tokens
+        eos = jnp.asarray(s.eos_ids, jnp.int32)
+
+        cache = model.init_cache(B, T + M)
+        h_btd, cache = model.hidden_states(prompt_ids, prompt_mask, cache=cache)
+        logits_bv = model.logits(h_btd[:, -1])  # prompts are left-padded: the last slot is real
+        # Prefill once, then give each of the R samples of a prompt its own copy of the cache.
+        rep = lambda x, axis: jnp.repeat(x, R, axis=axis)  # noqa: E731
+        cache = cache._replace(k=rep(cache.k, 1), v=rep(cache.v, 1), mask=rep(cache.mask, 0))
+        logits_bv = rep(logits_bv, 0)  # now [B*R, V]
+
+        tok_b = _next_token(logits_bv, jax.random.fold_in(key, 0), temperature, top_p, s)
+        tokens_bm = jnp.full((B * R, M), s.pad_id, jnp.int32).at[:, 0].set(tok_b)
+        mask_bm = jnp.zeros((B * R, M), jnp.int32).at[:, 0].set(1)
+        done_b = jnp.any(tok_b[:, None] == eos, axis=-1)
+
+        def cond(carry):
+            step, _, _, _, _, done_b = carry
+            return (step < M) & ~jnp.all(done_b)
+
+        def body(carry):
+            step, cache, tok_b, tokens_bm, mask_bm, done_b = carry
+            h_b1d, cache = model.hidden_states(tok_b[:, None], jnp.ones_like(tok_b)[:, None], cache=cache)
+            new_b = _next_token(model.logits(h_b1d[:, 0]), jax.random.fold_in(key, step), temperature, top_p, s)
+            # Rows that already emitted EOS keep emitting pad with mask 0.
+            new_b = jnp.where(done_b, s.pad_id, new_b)
+            tokens_bm = jax.lax.dynamic_update_index_in_dim(tokens_bm, new_b, step, axis=1)
+            mask_bm = jax.lax.dynamic_update_index_in_dim(mask_bm, (~done_b).astype(jnp.int32), step, axis=1)
+            done_b = done_b | jnp.any(new_b[:, None] == eos, axis=-1)
+            return step + 1, cache, new_b, tokens_bm, mask_bm, done_b
+
+        carry = (jnp.int32(1), cache, tok_b, tokens_bm, mask_bm, done_b)
+        _, _, _, tokens_bm, mask_bm, _ = jax.lax.while_loop(cond, body, carry)
+        return tokens_bm.reshape(B, R, M), mask_bm.reshape(B, R, M)
+
+    _KERNELS[key_] = run
+    return run
+
+
+def generate(model: nnx.Module, prompt_ids: jax.Array, prompt_mask: jax.Array, *, key: jax.Array,
+             num_samples: int = 1, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, eos_id: int | Sequence[int], pad_id: int) -> tuple[jax.Array, jax.Array]:
+    """Samples ``num_samples`` continuations of each left-padded prompt.
+
+    Compiled once per (model graph, shapes, num_samples, max_new_tokens, greedy or not, top_k,
+    top-p on or off, eos ids, pad id); temperature and top_p values are traced, so changing them
+    does not recompile. Works with parameters and prompts sharded on a mesh (jit follows them).
+
+    Args:
+      model: a :class:`~cream_jax.models.llama.Llama` (anything with its cache API).
+      prompt_ids: [B,T] int32 prompts, left-padded.
+      prompt_mask: [B,T] 1 for real prompt tokens, 0 for (left) padding; the last column must be 1.
+      key: PRNG key; the same key gives the same samples.
+      num_samples: R responses per prompt.
+      max_new_tokens: M tokens generated at most.
+      temperature: softmax temperature; 0 means greedy decoding.
+      top_p: nucleus mass in (0, 1]; 1 disables it.
+      top_k: keep the k most likely tokens; 0 disables it.
+      eos_id: one EOS id or several; generation of a row ends after its first EOS.
+      pad_id: filler for positions after EOS.
+
+    Returns:
+      (tokens [B,R,M] int32, mask [B,R,M] int32): mask is 1 for generated tokens up to and
+      including the first EOS; later tokens are ``pad_id`` with mask 0.
+    """
+    eos_ids = (int(eos_id),) if np.ndim(eos_id) == 0 else tuple(int(e) for e in eos_id)
+    if jnp.ndim(prompt_ids) != 2 or jnp.shape(prompt_mask) != jnp.shape(prompt_ids):
+        raise ValueError(f"generate: prompt_ids and prompt_mask must both be [B,T], got "
+                         f"{jnp.shape(prompt_ids)} and {jnp.shape(prompt_mask)}")
+    if not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
+        raise ValueError(f"generate: prompt_ids must be integer token ids, got {jnp.result_type(prompt_ids)}")
+    checks = [
+        (max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
+        (num_samples >= 1, f"num_samples must be >= 1, got {num_samples}"),
+        (temperature >= 0, f"temperature must be >= 0, got {temperature}"),
+        (0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
+        (top_k >= 0, f"top_k must be >= 0, got {top_k}"),
+        (len(eos_ids) > 0, "eos_id must name at least one token"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"generate: {message}")
+    if not np.all(np.asarray(prompt_mask)[:, -1]):
+        raise ValueError("generate: prompt_mask must be left-padded (its last column all 1)")
+    static = _Static(num_samples, max_new_tokens, temperature == 0, int(top_k), top_p < 1.0, eos_ids, int(pad_id))
+    graphdef, state = nnx.split(model)
+    return _kernel(graphdef, static)(state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
+                                     key, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p))

@@ -1,0 +1,160 @@
+"""cream_jax.sampling.generate: transformers greedy parity, sampling distribution, invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from cream_jax import sampling
+from cream_jax.models.hf import load_hf_llama
+from cream_jax.models.llama import LlamaConfig
+from tests._tiny_models import TINY_LLAMA, random_batch, random_llama, save_tiny_llama
+
+M = 12  # max_new_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_gen")
+    hf = save_tiny_llama(path, seed=5)
+    model, cfg = load_hf_llama(str(path))
+    ids, mask = random_batch(4, 7, cfg.vocab_size, seed=11, left_pad=True, min_len=2)
+    return hf, model, cfg, ids, mask
+
+
+def hf_greedy(hf, ids, mask, eos):
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                          max_new_tokens=M, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    out = out[:, ids.shape[1]:].numpy()
+    return np.pad(out, ((0, 0), (0, M - out.shape[1])), constant_values=0)
+
+
+def test_greedy_equals_transformers_with_left_padding_and_eos(tiny):
+    hf, model, cfg, ids, mask = tiny
+    free = hf_greedy(hf, ids, mask, eos=[127])  # an EOS that (we check) never comes: full length
+    assert (free != 127).all()
+    # An EOS the rows reach at different steps, including one that some rows never reach.
+    eos = [int(free[0, 3]), int(free[2, 8])]
+    ref = hf_greedy(hf, ids, mask, eos=eos)
+    tokens, out_mask = sampling.generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=M,
+                                         temperature=0.0, eos_id=eos, pad_id=0)
+    tokens, out_mask = np.asarray(tokens)[:, 0], np.asarray(out_mask)[:, 0]
+    np.testing.assert_array_equal(tokens, ref)
+    ended = np.isin(ref, eos)
+    assert ended[0].any() and ended[2].any()
+    for row, m in zip(ref, out_mask):  # mask = 1 through the first EOS, 0 after
+        stop = np.flatnonzero(np.isin(row, eos))
+        n = stop[0] + 1 if len(stop) else M
+        np.testing.assert_array_equal(m, (np.arange(M) < n).astype(np.int32))
+
+
+def test_shapes_eos_masking_and_num_samples(tiny):
+    _, model, cfg, ids, mask = tiny
+    eos, pad = (5, 9, 17), 3
+    tokens, out_mask = sampling.generate(model, ids, mask, key=jax.random.key(1), num_samples=3,
+                                         max_new_tokens=M, temperature=1.5, eos_id=eos, pad_id=pad)
+    assert tokens.shape == out_mask.shape == (4, 3, M) and tokens.dtype == out_mask.dtype == jnp.int32
+    tokens, out_mask = np.asarray(tokens).reshape(-1, M), np.asarray(out_mask).reshape(-1, M)
+    for row, m in zip(tokens, out_mask):
+        stop = np.flatnonzero(np.isin(row, eos))
+        n = stop[0] + 1 if len(stop) else M
+        np.testing.assert_array_equal(m, (np.arange(M) < n).astype(np.int32))
+        assert (row[n:] == pad).all()
+    assert (out_mask.sum(1) < M).any()  # at a high temperature some rows do hit an EOS
+    # Greedy samples of one prompt are all the same.
+    g, _ = sampling.generate(model, ids, mask, key=jax.random.key(1), num_samples=2, max_new_tokens=M,
+                             temperature=0.0, eos_id=eos, pad_id=pad)
+    np.testing.assert_array_equal(np.asarray(g)[:, 0], np.asarray(g)[:, 1])
+
+
+def test_top_k1_is_greedy_and_keys_determine_samples(tiny):
+    _, model, cfg, ids, mask = tiny
+    kw = dict(max_new_tokens=M, eos_id=2, pad_id=0, num_samples=2)
+    greedy, _ = sampling.generate(model, ids, mask, key=jax.random.key(0), temperature=0.0, **kw)
+    top1, _ = sampling.generate(model, ids, mask, key=jax.random.key(7), temperature=1.0, top_k=1, **kw)
+    np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
+    a, _ = sampling.generate(model, ids, mask, key=jax.random.key(3), temperature=1.0, **kw)
+    b, _ = sampling.generate(model, ids, mask, key=jax.random.key(3), temperature=1.0, **kw)
+    c, _ = sampling.generate(model, ids, mask, key=jax.random.key(4), temperature=1.0, **kw)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (np.asarray(a) != np.asarray(c)).any()
+    assert (np.asarray(a)[:, 0] != np.asarray(a)[:, 1]).any()  # the samples of a prompt differ
+
+
+def test_second_call_does_not_retrace(tiny):
+    _, model, cfg, ids, mask = tiny
+    kw = dict(max_new_tokens=5, eos_id=2, pad_id=0, num_samples=2, top_p=0.9)
+    sampling.generate(model, ids, mask, key=jax.random.key(0), temperature=1.0, **kw)
+    before = sampling.TRACE_COUNTS["generate"]
+    sampling.generate(model, ids + 1, mask, key=jax.random.key(1), temperature=0.7, **kw)
+    assert sampling.TRACE_COUNTS["generate"] == before
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.3, 20, 1.0), (1.0, 0, 0.8), (0.9, 50, 0.9)])
+def test_filters_match_transformers_warpers(temperature, top_k, top_p):
+    logits = np.random.default_rng(0).normal(0, 3, size=(6, 128)).astype(np.float32)
+    s = sampling._Static(1, 1, False, top_k, top_p < 1.0, (2,), 0)
+    ours = np.asarray(sampling._filter_logits(jnp.asarray(logits), jnp.float32(temperature), jnp.float32(top_p), s))
+    ref = torch.tensor(logits)
+    warpers = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    for w in warpers:
+        ref = w(None, ref)
+    ref = ref.numpy()
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+    kept = ~np.isinf(ref)
+    assert (kept.sum(1) < 128).all() or (top_k == 0 and top_p == 1.0)
+    np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-5, atol=1e-5)
+
+
+def _chi2_pvalue(counts, probs):
+    """Pearson chi-square p-value, pooling bins expected below 5 so the test is valid."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    return scipy.stats.chisquare(obs[keep], exp[keep]).pvalue
+
+
+def test_first_token_distribution_matches_softmax():
+    cfg = LlamaConfig(**{**TINY_LLAMA, "vocab_size": 16})
+    model = random_llama(cfg, seed=3, std=0.3)
+    ids, mask = np.array([[0, 0, 4, 7, 9]], np.int32), np.array([[0, 0, 1, 1, 1]], np.int32)
+    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))[0, -1].astype(np.float64)
+    n = 4000
+    for temperature, top_k in [(0.6, 0), (1.0, 5)]:
+        toks, _ = sampling.generate(model, ids, mask, key=jax.random.key(42), num_samples=n, max_new_tokens=1,
+                                    temperature=temperature, top_k=top_k, eos_id=15, pad_id=0)
+        counts = np.bincount(np.asarray(toks).ravel(), minlength=16)
+        z = logits / temperature
+        if top_k:
+            z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
+            assert counts[np.isinf(z)].sum() == 0
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        assert _chi2_pvalue(counts, probs) > 1e-3
+        # Power check: the plain softmax (wrong temperature / no top-k) is rejected.
+        plain = np.exp(logits - logits.max())
+        assert _chi2_pvalue(counts, plain / plain.sum()) < 1e-3
+
+
+def test_bad_arguments(tiny):
+    _, model, cfg, ids, mask = tiny
+    kw = dict(key=jax.random.key(0), max_new_tokens=4, eos_id=2, pad_id=0)
+    for bad, message in [(dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
+                         (dict(top_k=-1), "top_k"), (dict(num_samples=0), "num_samples"),
+                         (dict(max_new_tokens=0), "max_new_tokens"), (dict(eos_id=[]), "eos_id")]:
+        with pytest.raises(ValueError, match=f"generate: {message}"):
+            sampling.generate(model, ids, mask, **{**kw, **bad})
+    right = mask[:, ::-1].copy()
+    with pytest.raises(ValueError, match="left-padded"):
+        sampling.generate(model, ids, right, **kw)
+    with pytest.raises(ValueError, match=r"must both be \[B,T\]"):
+        sampling.generate(model, ids, mask[:, :3], **kw)
