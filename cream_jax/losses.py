@@ -234,6 +234,7 @@ def scir_loss(
     gamma: float = 0.0,
     divergence: str = "skl",
     eps: float = 1e-6,
+    weight=None,
 ):
     """SCIR per-step objective on unlabeled pairs (y1, y2) [MEM: METHODS 5.2 is a reconstruction].
 
@@ -263,17 +264,21 @@ def scir_loss(
       gamma: weight of the entropy (confidence) term.
       divergence: "skl" | "bce" | "mse".
       eps: clipping of p_gen before its logit.
+      weight: optional [B] example weights (0 for padding rows); default all ones.
 
     Returns:
       (losses [B] float32, metrics dict). The per-example preference term is scaled by
-      B / max(#agreed, 1) so that ``losses.mean()`` equals L above (L_pref averaged over the agreed
-      pairs only). Metrics: "scir/agreement" (share of agreed pairs), "scir/n_agreed",
-      "scir/pref_loss", "scir/consistency_loss", "scir/entropy", "scir/p_imp", "scir/p_gen".
+      sum(weight) / max(weighted #agreed, 1) so that the weighted mean
+      ``sum(weight * losses) / sum(weight)`` (``losses.mean()`` without weights) equals L above, with
+      L_pref averaged over the agreed pairs only. Metrics (weighted means over the batch):
+      "scir/agreement" (share of agreed pairs), "scir/n_agreed", "scir/pref_loss",
+      "scir/consistency_loss", "scir/entropy", "scir/p_imp", "scir/p_gen".
     """
     if divergence not in _DIVERGENCES:
         raise ValueError(f"scir_loss: divergence must be one of {_DIVERGENCES}, got {divergence!r}")
     _check_pair_shapes(
-        "scir_loss", logps_1=logps_1, logps_2=logps_2, ref_logps_1=ref_logps_1, ref_logps_2=ref_logps_2, p_gen=p_gen
+        "scir_loss", logps_1=logps_1, logps_2=logps_2, ref_logps_1=ref_logps_1, ref_logps_2=ref_logps_2, p_gen=p_gen,
+        weight=weight,
     )
     if jnp.ndim(logps_1) != 1:
         raise ValueError(f"scir_loss: inputs must be [B] (a batch: agreement is normalised over it), got {jnp.shape(logps_1)}")
@@ -282,12 +287,13 @@ def scir_loss(
     p_gen = jnp.clip(_f32(p_gen), eps, 1.0 - eps)
     logit_gen = jnp.log(p_gen) - jnp.log1p(-p_gen)
 
+    w = jnp.ones_like(delta) if weight is None else _f32(weight)
+    w_sum = jnp.maximum(jnp.sum(w), 1e-12)
     agree = jax.lax.stop_gradient(((delta > 0) & (p_gen > 0.5)) | ((delta < 0) & (p_gen < 0.5)))
     # Agreed label z = 1[p_imp > 1/2]: DPO on (y1, y2) if z else on (y2, y1), i.e. -log sigmoid(|Delta|).
     pref = -jax.nn.log_sigmoid(jnp.where(delta > 0, delta, -delta))
-    n_agreed = jnp.sum(agree.astype(jnp.float32))
-    pref_scale = delta.shape[0] / jnp.maximum(n_agreed, 1.0)
-    pref_term = jnp.where(agree, pref, 0.0) * pref_scale
+    n_agreed = jnp.sum(jnp.where(agree, w, 0.0))
+    pref_term = jnp.where(agree, pref, 0.0) * (w_sum / jnp.maximum(n_agreed, 1e-12))
 
     if divergence == "skl":
         cons = (p_imp - p_gen) * (delta - logit_gen)
@@ -298,13 +304,17 @@ def scir_loss(
     ent = _bernoulli_entropy(delta) + _bernoulli_entropy(logit_gen)
 
     losses = pref_term + alpha * cons + gamma * ent
+
+    def mean(v):
+        return jnp.sum(w * v) / w_sum
+
     metrics = {
-        "scir/agreement": jnp.mean(agree.astype(jnp.float32)),
+        "scir/agreement": n_agreed / w_sum,
         "scir/n_agreed": n_agreed,
-        "scir/pref_loss": jnp.sum(jnp.where(agree, pref, 0.0)) / jnp.maximum(n_agreed, 1.0),
-        "scir/consistency_loss": jnp.mean(cons),
-        "scir/entropy": jnp.mean(ent),
-        "scir/p_imp": jnp.mean(p_imp),
-        "scir/p_gen": jnp.mean(p_gen),
+        "scir/pref_loss": jnp.sum(jnp.where(agree, w * pref, 0.0)) / jnp.maximum(n_agreed, 1e-12),
+        "scir/consistency_loss": mean(cons),
+        "scir/entropy": mean(ent),
+        "scir/p_imp": mean(p_imp),
+        "scir/p_gen": mean(p_gen),
     }
     return losses, metrics

@@ -175,6 +175,19 @@ def test_scir_matches_reference(logps, divergence):
     assert 0 < agreement < 1  # the fixture exercises both branches
 
 
+def test_scir_weights_ignore_padding_rows(logps):
+    c, r, rc, rr, _, _ = logps
+    pg = np.random.default_rng(4).uniform(0.05, 0.95, size=B).astype(np.float32)
+    losses, metrics = scir_loss(c, r, rc, rr, pg, gamma=0.3)
+    pad = lambda a, v: np.concatenate([a, np.full(5, v, np.float32)])  # noqa: E731
+    w = pad(np.ones(B, np.float32), 0.0)
+    # Padding rows that would agree (Delta > 0, p_gen > 1/2) must not count.
+    padded, pm = scir_loss(pad(c, 0.0), pad(r, -50.0), pad(rc, 0.0), pad(rr, 0.0), pad(pg, 0.9), gamma=0.3, weight=w)
+    np.testing.assert_allclose(float(jnp.sum(w * padded) / w.sum()), float(jnp.mean(losses)), rtol=1e-5)
+    for k in metrics:
+        np.testing.assert_allclose(float(pm[k]), float(metrics[k]), rtol=1e-5, err_msg=k)
+
+
 def test_scir_no_agreement_when_policy_is_reference(logps):
     c, r, _, _, _, _ = logps
     pg = np.linspace(0.1, 0.9, B).astype(np.float32)
