@@ -112,7 +112,8 @@ def test_kv_cache_decode_equals_full_forward():
 
 def test_pure_functional_merge_jit_grad_and_remat():
     model, cfg = _tiny_model()
-    ids, mask = random_batch(2, 8, cfg.vocab_size, seed=4, left_pad=True)
+    ids, mask = random_batch(3, 8, cfg.vocab_size, seed=4, left_pad=True)
+    mask[2] = 0  # a fully padded row must not poison the gradients with NaN
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     graphdef, params = nnx.split(model, nnx.Param)
 
@@ -127,16 +128,7 @@ def test_pure_functional_merge_jit_grad_and_remat():
     for g, gr in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
         assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
         np.testing.assert_allclose(np.asarray(gr), np.asarray(g), atol=TOL, rtol=TOL)
-
-
-def test_fully_padded_row_has_finite_logits_and_grads():
-    model, cfg = _tiny_model()
-    ids = jnp.zeros((2, 5), jnp.int32).at[0].set(7)
-    mask = jnp.zeros((2, 5), jnp.int32).at[0].set(1)
-    graphdef, params = nnx.split(model, nnx.Param)
-    f = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, mask) * mask[..., None])  # noqa: E731
     assert np.isfinite(np.asarray(forward(model, ids, mask))).all()
-    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(jax.jit(jax.grad(f))(params)))
 
 
 def test_forward_jit_does_not_retrace():
