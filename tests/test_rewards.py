@@ -51,12 +51,13 @@ def test_reward_accuracy_hand_example():
             [1.0, 0.0, 0.0],  # self-reward tie: no pair
         ]
     )
-    acc = jax.jit(reward_accuracy)(self_r, oracle_r)
+    run = jax.jit(lambda s, o: (reward_accuracy(s, o), reward_accuracy(s, o, build_pairs(s))))
+    acc, explicit = run(self_r, oracle_r)
     assert float(acc.accuracy) == pytest.approx(0.5)
     assert (int(acc.n_compared), int(acc.n_oracle_ties), int(acc.n_oracle_missing)) == (2, 1, 1)
-    explicit = reward_accuracy(self_r, oracle_r, build_pairs(self_r))
     assert float(explicit.accuracy) == pytest.approx(0.5)
-    assert np.isnan(float(reward_accuracy(self_r[2:3], oracle_r[2:3]).accuracy))  # nothing compared
+    nothing, _ = run(self_r[[2, 3, 4]], oracle_r[[2, 3, 4]])  # only oracle ties, missing, self ties
+    assert np.isnan(float(nothing.accuracy))
 
 
 def test_pairwise_accuracy_matches_loop():
