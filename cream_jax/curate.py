@@ -10,7 +10,6 @@ Shape letters: B prompts, R responses per prompt, T time (prompt + response), S 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -131,29 +130,6 @@ def decode_responses(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> li
 # LLM-as-a-Judge rewards (SRLM, METHODS 3 and section 0).
 
 
-def digit_token_ids(tokenizer: Any, prefix: str = "Score:") -> tuple[str, list[int]]:
-    """The text to force before the score digit and the token ids of "0".."5" after it.
-
-    Finds the spelling (``"Score: "`` + digit or ``"Score:"`` + " digit") under which each digit is
-    one token, so the "expected" read-out is one next-token distribution for any tokenizer.
-    """
-    for sep_in_prefix in (" ", ""):
-        head = prefix + sep_in_prefix
-        head_ids = tokenizer.encode(head, add_special_tokens=False)
-        ids = []
-        for k in range(6):
-            full = tokenizer.encode(head + ("" if sep_in_prefix else " ") + str(k), add_special_tokens=False)
-            if full[: len(head_ids)] != head_ids or len(full) != len(head_ids) + 1:
-                break
-            ids.append(full[-1])
-        if len(ids) == 6:
-            return head, ids
-    raise ValueError("judge: the tokenizer does not encode 'Score: k' with k as a single token; use judge_readout='sample'")
-
-
-_SCORE_RE = re.compile(r"score\s*:", re.IGNORECASE)
-
-
 def judge_scores(
     model: Any,
     tokenizer: Any,
@@ -192,21 +168,12 @@ def judge_scores(
         mean, n_failed = judge.aggregate_sampled_scores(scores.reshape(b, r, num_judgments))
         return np.asarray(mean, np.float32), int(n_failed)
     # "expected"
-    head, digit_ids = digit_token_ids(tokenizer)
     gen_tok, gen_mask = sample_responses(
         model, ids, mask, key=key, num_samples=1, max_new_tokens=max_judgment_tokens, temperature=0.0,
         top_p=1.0, top_k=0, tokens=tokens, batch_size=batch_size, progress=progress,
     )
     judgments = [t[0] for t in decode_responses(tokenizer, gen_tok, gen_mask)]
-    n_failed = 0
-    forced = []
-    for prompt, text in zip(prompts, judgments):
-        matches = list(_SCORE_RE.finditer(text))
-        if matches:
-            text = text[: matches[-1].start()]
-        else:
-            n_failed += 1
-        forced.append(prompt + text.rstrip() + (" " if text.strip() else "") + head)
+    forced, digit_ids, n_failed = judge.expected_score_prompts(tokenizer, flat_instr, flat_resp, judgments)
     enc = encode_texts_left_padded(tokenizer, forced, max_prompt_len + max_judgment_tokens + 4)
     digit_ids = jnp.asarray(digit_ids)
 
@@ -269,8 +236,11 @@ def consistency_of(r_now: np.ndarray, r_prev: np.ndarray, mask: np.ndarray | Non
     return np.asarray(c, np.float32), np.asarray(valid, bool)
 
 
-def build_pairs(r_now: np.ndarray, mask: np.ndarray | None, response_tokens: np.ndarray | None) -> Any:
+def build_pairs(r_now: np.ndarray, mask: np.ndarray | None, response_tokens: np.ndarray | None,
+                response_mask: np.ndarray | None = None) -> Any:
+    """Best vs worst of the current reward; with ``response_tokens``, identical texts are not paired."""
     return preference.build_pairs(
         jnp.asarray(r_now), None if mask is None else jnp.asarray(mask),
         response_ids=None if response_tokens is None else jnp.asarray(response_tokens),
+        response_mask=None if response_mask is None else jnp.asarray(response_mask),
     )

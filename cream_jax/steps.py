@@ -64,8 +64,13 @@ def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
 
 
 def init_train_state(params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
-    """A fresh train state whose optimizer moments follow the params' shardings."""
+    """A fresh train state whose optimizer moments follow the params' shardings.
+
+    The params are copied: the step donates its state, and the caller's params (e.g. M_t, still
+    needed as M_{t-1} by the next iteration) must survive.
+    """
     opt_state = jax.jit(optimizer.init)(params)
+    params = jax.tree.map(lambda x: x.copy(), params)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state, "rng": rng}
 
 
@@ -155,7 +160,7 @@ def make_scir_loss(beta: float, alpha: float, gamma: float, divergence: str, ver
         p_gen = judge.pairwise_preference(logits_12, logits_21, *verdict_ids)  # (B,) p(y1 better)
         per_pair, m = losses.scir_loss(
             chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], p_gen,
-            beta=beta, alpha=alpha, gamma=gamma, divergence=divergence,
+            beta=beta, alpha=alpha, gamma=gamma, divergence=divergence, weight=batch["weight"],
         )
         w = batch["weight"]
         loss = _weighted_mean(per_pair, w)

@@ -208,7 +208,9 @@ def _step_fn(run: Run, kind: str, optim: config_lib.OptimConfig, state: dict):
         if kind == "lm":
             loss_fn = steps.lm_loss
         elif kind == "scir":
-            verdict = tuple(run.tokenizer.encode(str(k), add_special_tokens=False)[-1] for k in (1, 2))
+            from cream_jax import judge  # noqa: PLC0415
+
+            verdict = judge.verdict_token_ids(run.tokenizer)
             loss_fn = steps.make_scir_loss(cfg.dpo.beta, cfg.reward.scir_alpha, cfg.reward.scir_gamma,
                                            cfg.reward.scir_divergence, verdict)
         else:
@@ -426,7 +428,7 @@ def curate_iteration(run: Run, t: int, policy: Any, key: jax.Array) -> tuple[dic
     tic = time.perf_counter()
     c, c_valid = curate.consistency_of(r_now, r_prev, valid, method=cfg.reward.consistency_method,
                                        level=cfg.reward.consistency_level, ties=cfg.reward.ties)
-    pairs = curate.build_pairs(r_now, valid, tokens if cfg.reward.dedup else None)
+    pairs = curate.build_pairs(r_now, valid, tokens if cfg.reward.dedup else None, tmask if cfg.reward.dedup else None)
     keep = np.asarray(pairs.keep, bool)
     n_tied = int((~keep).sum())
     if cfg.method == "sera":
@@ -438,7 +440,7 @@ def curate_iteration(run: Run, t: int, policy: Any, key: jax.Array) -> tuple[dic
     timings["pairs"] = time.perf_counter() - tic
     reward_acc = None
     if oracle is not None:
-        reward_acc = float(rewards.reward_accuracy(jnp.asarray(r_now), jnp.asarray(oracle), pairs, valid=jnp.asarray(valid)))
+        reward_acc = float(rewards.reward_accuracy(jnp.asarray(r_now), jnp.asarray(oracle), pairs).accuracy)
     c_defined = c[c_valid] if c_valid.any() else c
     stats = {
         "consistency": {"mean": float(np.mean(c_defined)), "std": float(np.std(c_defined)), "undefined": int((~c_valid).sum())},
@@ -469,9 +471,8 @@ def scir_judge_records(run: Run, pool: list, texts: list, pairs: Any, keep: np.n
     out = {}
     max_len = 4 * run.cfg.data.max_prompt_len + 2 * run.cfg.sampling.max_new_tokens
     for name, first, second in (("judge12", pairs.chosen_idx, pairs.rejected_idx), ("judge21", pairs.rejected_idx, pairs.chosen_idx)):
-        msgs = [judge.pairwise_judge_messages(pool[i]["messages"][-1]["content"], texts[i][int(first[i])], texts[i][int(second[i])])
-                for i in idx]
-        rendered = [run.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+        msgs = [(pool[i]["messages"][-1]["content"], texts[i][int(first[i])], texts[i][int(second[i])]) for i in idx]
+        rendered = judge.render_pairwise_prompts(run.tokenizer, *zip(*msgs)) if msgs else []
         enc = curate.encode_texts_left_padded(run.tokenizer, rendered, max_len)
         out[f"{name}_ids"], out[f"{name}_mask"] = enc["input_ids"], enc["attention_mask"]
     return out

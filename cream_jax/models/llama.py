@@ -207,18 +207,18 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return scale * x32.astype(x.dtype)
 
 
-def _rotate(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+def _rotate(x_bnth: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
     """Rotary embedding in transformers' rotate-half convention (no weight permutation needed)."""
-    half = x_btnh.shape[-1] // 2
-    rot = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
-    return x_btnh * cos_bth[:, :, None, :] + rot * sin_bth[:, :, None, :]
+    half = x_bnth.shape[-1] // 2
+    rot = jnp.concatenate([-x_bnth[..., half:], x_bnth[..., :half]], axis=-1)
+    return x_bnth * cos_bth[:, None] + rot * sin_bth[:, None]
 
 
 class KVCache(NamedTuple):
     """Decode state: keys/values of every layer, which slots hold real tokens, next free slot."""
 
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: jax.Array  # [L, B, K, S, H]
+    v: jax.Array  # [L, B, K, S, H]
     mask: jax.Array  # [B, S] int32, 1 where a slot holds a real (non-pad) token
     index: jax.Array  # [] int32, the first slot the next call writes
 
@@ -248,37 +248,41 @@ class Attention(nnx.Module):
           x_btd: [B,T,D] normalised hidden states.
           cos_bth, sin_bth: [B,T,H] rotary tables at each query's position.
           mask_bts: [B,T,S] bool, True where query t may attend key s (S = T without a cache).
-          kv: optional (k [L,B,S,K,H], v [L,B,S,K,H], layer [], index []): the whole cache,
+          kv: optional (k [L,B,K,S,H], v [L,B,K,S,H], layer [], index []): the whole cache,
             this layer's index in it, and the slot where the T new keys and values go.
 
         Returns:
           (out [B,T,D], (k, v) with the new keys and values written in, or None without a cache).
         """
-        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...])
-        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...])
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv[...])
+        # Heads-major layouts ([B,K,T,H], cache [L,B,K,S,H]) so the attention dots need no transposes.
+        q_bnth = jnp.einsum("btd,dnh->bnth", x_btd, self.wq[...])
+        k_bkth = jnp.einsum("btd,dkh->bkth", x_btd, self.wk[...])
+        v_bkth = jnp.einsum("btd,dkh->bkth", x_btd, self.wv[...])
         if self.bias:
-            q_btnh, k_btkh, v_btkh = q_btnh + self.bq[...], k_btkh + self.bk[...], v_btkh + self.bv[...]
-        q_btnh = _rotate(q_btnh, cos_bth, sin_bth)
-        k_btkh = _rotate(k_btkh, cos_bth, sin_bth)
+            q_bnth = q_bnth + self.bq[...][:, None]
+            k_bkth, v_bkth = k_bkth + self.bk[...][:, None], v_bkth + self.bv[...][:, None]
+        q_bnth = _rotate(q_bnth, cos_bth, sin_bth)
+        k_bkth = _rotate(k_bkth, cos_bth, sin_bth)
         if kv is None:
-            k_bskh, v_bskh, new_kv = k_btkh, v_btkh, None
+            k_bksh, v_bksh, new_kv = k_bkth, v_bkth, None
         else:
             # Write only the T new slots into the whole cache (in place inside a decode loop).
             k_all, v_all, layer, index = kv
-            k_all = jax.lax.dynamic_update_slice(k_all, k_btkh[None].astype(k_all.dtype), (layer, 0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v_btkh[None].astype(v_all.dtype), (layer, 0, index, 0, 0))
-            k_bskh, v_bskh, new_kv = k_all[layer], v_all[layer], (k_all, v_all)
-        B, T, N, H = q_btnh.shape
-        q_btkgh = q_btnh.reshape(B, T, self.num_kv_heads, N // self.num_kv_heads, H)
+            k_all = jax.lax.dynamic_update_slice(k_all, k_bkth[None].astype(k_all.dtype), (layer, 0, 0, index, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v_bkth[None].astype(v_all.dtype), (layer, 0, 0, index, 0))
+            k_bksh, v_bksh, new_kv = k_all[layer], v_all[layer], (k_all, v_all)
+        B, N, T, H = q_bnth.shape
+        K = self.num_kv_heads
+        # Query head n reads KV head n // G (transformers' repeat_kv), hence the (K, G) split.
+        q_bkgth = q_bnth.reshape(B, K, N // K, T, H)
         # Scores and softmax in float32 (transformers upcasts the softmax too).
-        s_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+        s_bkgts = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32)
         s_bkgts = s_bkgts * (H ** -0.5)
         # A finite fill keeps fully masked (padding) query rows NaN-free, also in gradients.
         s_bkgts = jnp.where(mask_bts[:, None, None], s_bkgts, jnp.finfo(jnp.float32).min)
-        p_bkgts = jax.nn.softmax(s_bkgts, axis=-1).astype(v_bskh.dtype)
-        o_btkgh = jnp.einsum("bkgts,bskh->btkgh", p_bkgts, v_bskh)
-        out_btd = jnp.einsum("btnh,nhd->btd", o_btkgh.reshape(B, T, N, H), self.wo[...])
+        p_bkgts = jax.nn.softmax(s_bkgts, axis=-1).astype(v_bksh.dtype)
+        o_bkgth = jnp.einsum("bkgts,bksh->bkgth", p_bkgts, v_bksh)
+        out_btd = jnp.einsum("bnth,nhd->btd", o_bkgth.reshape(B, N, T, H), self.wo[...])
         if self.bias:
             out_btd = out_btd + self.bo[...]
         return out_btd, new_kv
@@ -355,7 +359,7 @@ class Llama(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache for ``batch`` rows and ``max_len`` slots (prompt + new tokens)."""
         c = self.config
-        shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        shape = (c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim)
         return KVCache(
             k=jnp.zeros(shape, c.jnp_dtype),
             v=jnp.zeros(shape, c.jnp_dtype),
