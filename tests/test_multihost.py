@@ -1,0 +1,157 @@
+"""Multi-host on the real engine: 2 processes x 4 CPU devices == 1 process x 8 devices, and a
+checkpoint written by the 2-process run restores, resharded, in one process. Plus how
+`cream_jax.distributed` reads flags, env, SLURM and TPU."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from cream_jax import distributed, sharding
+from cream_jax.checkpoint import RunCheckpointer
+from tests import _multihost_worker as worker
+
+REPO = Path(__file__).resolve().parent.parent
+# Cheaper XLA:CPU compiles for the worker processes (all of them, so their numerics agree).
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(out: Path, devices: int, **env) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    full = {**base, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_XLA}", **env}
+    log = open(out / f"log_{env.get('JAX_PROCESS_ID', 'single')}.txt", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "tests._multihost_worker", "--out", str(out)],
+                            cwd=REPO, env=full, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_all(procs: list[subprocess.Popen], outs: list[Path], timeout: float = 240) -> None:
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(p.returncode for p in procs):
+        logs = "\n".join(f"--- {f}\n" + f.read_text()[-3000:] for out in outs for f in sorted(out.glob("log_*.txt")))
+        pytest.fail(f"worker exit codes {[p.returncode for p in procs]}\n{logs}")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_checkpoint_restores_resharded(tmp_path):
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    coordinator = f"localhost:{_free_port()}"
+    procs = [_spawn(multi, 4, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+             for i in range(2)]
+    procs.append(_spawn(single, 8))
+    _wait_all(procs, [multi, single])
+
+    got, ref = (json.loads((d / "result.json").read_text()) for d in (multi, single))
+    assert (got["mode"], got["process_count"], got["device_count"], got["local_device_count"]) == ("explicit", 2, 8, 4)
+    assert (ref["mode"], ref["process_count"], ref["device_count"]) == ("single", 1, 8)
+    assert len(got["losses"]) == worker.STEPS and len(set(got["losses"])) == worker.STEPS  # the steps did train
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-5, atol=0)
+    got_params, ref_params = np.load(multi / "params.npz"), np.load(single / "params.npz")
+    assert sorted(got_params.files) == sorted(ref_params.files)
+    for name in ref_params.files:
+        # Adam divides by the gradient's own scale, so on near-zero gradients the ~1e-7 difference
+        # of a cross-process reduction order grows to ~1e-6 of the lr=1e-2 updates: module tolerance.
+        np.testing.assert_allclose(got_params[name], ref_params[name], rtol=0, atol=1e-5, err_msg=name)
+
+    # This process (8 devices, one host) restores the 2-process checkpoint onto another mesh layout.
+    mesh = sharding.make_mesh(1, 4, 2)
+    _, fresh = worker.init_state(mesh)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), fresh)
+    with RunCheckpointer(multi / "ckpt") as ckpt:
+        state, progress, _ = ckpt.restore(abstract_state=target)
+    assert progress == {"step": worker.STEPS} and int(state["step"]) == worker.STEPS
+    for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(target)):
+        assert leaf.sharding == want.sharding
+    embed = state["params"]["embed"].get_value()
+    assert embed.sharding.spec == sharding.logical_to_spec(("vocab", "embed"), embed.shape, mesh)
+    assert embed.sharding.shard_shape(embed.shape) == (64, 16)  # vocab 128 over tensor=2, embed 64 over fsdp=4
+    restored = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state["params"])}
+    for name in ref_params.files:
+        np.testing.assert_allclose(restored[name], got_params[name], rtol=0, atol=0, err_msg=name)
+    assert int(state["opt_state"][1].count) == worker.STEPS
+
+
+# ------------------------------------------------------------------------------------------
+# cream_jax.distributed: where process count, id and coordinator come from.
+
+
+def test_resolve_explicit_from_arguments_and_env():
+    assert distributed.resolve("h0:1234", 2, 1, env={}) == distributed.Distributed("explicit", "h0:1234", 2, 1)
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert distributed.resolve(env=env) == distributed.Distributed("explicit", "10.0.0.1:8476", 4, 3)
+    assert distributed.resolve(process_id=0, env=env).process_id == 0  # an argument beats the env
+    assert distributed.resolve(env={"JAX_NUM_PROCESSES": "1"}).mode == "single"
+    assert distributed.resolve(env={}).mode == "single"
+
+
+@pytest.mark.parametrize(
+    "kwargs,env,message",
+    [
+        ({"num_processes": 2, "process_id": 0}, {}, r"num_processes > 1 needs coordinator_address"),
+        ({"coordinator_address": "h:1", "num_processes": 2}, {}, r"num_processes > 1 needs process_id"),
+        ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {}, r"process_id must be in \[0, 2\), got 2"),
+        ({"coordinator_address": "h", "num_processes": 2, "process_id": 0}, {}, r"coordinator_address must be 'host:port', got 'h'"),
+        ({}, {"JAX_NUM_PROCESSES": "two"}, r"JAX_NUM_PROCESSES must be an integer, got 'two'"),
+        ({"cluster": "mpi"}, {}, r"cluster must be one of"),
+        ({"cluster": "slurm"}, {}, r"cluster='slurm' but SLURM_NTASKS is not set"),
+        ({}, {"SLURM_NTASKS": "2", "SLURM_PROCID": "0"}, r"SLURM_NTASKS > 1 but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST"),
+    ],
+)
+def test_resolve_errors_are_one_line(kwargs, env, message):
+    with pytest.raises(ValueError, match=f"^distributed: {message}") as info:
+        distributed.resolve(**kwargs, env=env)
+    assert "\n" not in str(info.value)
+
+
+def test_resolve_slurm():
+    env = {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0",
+           "SLURM_STEP_NODELIST": "gpu[007-009,012]", "SLURM_STEP_NUM_NODES": "4"}
+    # One process per host sees every local GPU (no local_device_ids); port = 123456 % 4096 + 61440.
+    assert distributed.resolve(env=env) == distributed.Distributed("slurm", "gpu007:62016", 4, 2, None)
+    per_gpu = {**env, "SLURM_NTASKS": "16", "SLURM_PROCID": "13", "SLURM_LOCALID": "1", "JAX_COORDINATOR_PORT": "9999"}
+    assert distributed.resolve(env=per_gpu) == distributed.Distributed("slurm", "gpu007:9999", 16, 13, (1,))
+    # Flags/env set by a launcher win over SLURM's variables.
+    explicit = {**env, "JAX_COORDINATOR_ADDRESS": "gpu007:5000", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+    assert distributed.resolve(env=explicit).mode == "explicit"
+    assert distributed.resolve(env={**env, "SLURM_NTASKS": "1"}).mode == "single"
+
+
+@pytest.mark.parametrize("nodelist,first", [("node001", "node001"), ("node001,host2", "node001"),
+                                            ("node[001-015],host2", "node001"), ("gpu-a[7,9-12]", "gpu-a7")])
+def test_first_slurm_host(nodelist, first):
+    assert distributed.first_slurm_host(nodelist) == first
+
+
+def test_resolve_tpu_and_single_forced():
+    assert distributed.resolve(cluster="tpu", env={}) == distributed.Distributed("tpu")
+    assert distributed.resolve("h:1", 2, 0, cluster="single", env={}).mode == "single"
+    assert not distributed.on_cloud_tpu_vm()  # this CPU box: auto never picks "tpu"
+
+
+def test_initialize_single_process_does_nothing(monkeypatch):
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("must not initialise"))
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.initialize() == distributed.Distributed("single")
+    assert jax.process_count() == 1
