@@ -13,6 +13,7 @@ Shape letters: B batch (examples or pairs), T time, V vocab.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -49,29 +50,41 @@ def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
 
 
 def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
-    """Linear warm-up over ``warmup_ratio * total_steps`` then cosine decay (METHODS 2.4)."""
+    """Linear warm-up over ``round(warmup_ratio * total_steps)`` steps, then cosine decay to
+    ``learning_rate * end_lr_ratio`` (METHODS 2.4). Step 0 already learns (warm-up starts at
+    peak / warmup rather than HF's 0), and a one-step run uses the peak rate."""
     total_steps = max(int(total_steps), 1)
     warmup = int(round(optim.warmup_ratio * total_steps))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else optim.learning_rate,
-        peak_value=optim.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=total_steps,
-        end_value=optim.learning_rate * optim.end_lr_ratio,
-    )
-    # The schedule's first warm-up value is 0; shift by one so step 0 already learns.
-    return float(schedule(min(step + 1, total_steps)))
+    peak, end = optim.learning_rate, optim.learning_rate * optim.end_lr_ratio
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total_steps - warmup, 1)
+    return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def init_train_state(params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
-    """A fresh train state whose optimizer moments follow the params' shardings.
+    """A fresh train state on the params' mesh: optimizer moments sharded like their params,
+    scalars (step, counts, RNG key) replicated.
 
     The params are copied: the step donates its state, and the caller's params (e.g. M_t, still
     needed as M_{t-1} by the next iteration) must survive.
     """
-    opt_state = jax.jit(optimizer.init)(params)
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    replicated = NamedSharding(mesh, P())
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    abstract = jax.eval_shape(optimizer.init, params)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract, param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     params = jax.tree.map(lambda x: x.copy(), params)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state, "rng": rng}
+    return {
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "params": params,
+        "opt_state": opt_state,
+        "rng": jax.device_put(rng, replicated),
+    }
 
 
 def state_shardings(state: dict) -> PyTree:
@@ -212,7 +225,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         updates = jax.tree.map(lambda u: -lr * u, updates)
         params = optax.apply_updates(params, updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": lr}
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
         return new_state, metrics
 
