@@ -70,12 +70,7 @@ def _replicated(x, mesh) -> jax.Array:
 
 def init_state(mesh) -> tuple[object, dict]:
     """Random params (numpy seed 0, the same on every process) sharded by their logical names, and a
-    fresh train state on the mesh.
-
-    A state leaf left on one device (as `steps.init_train_state` did with the step and optax's
-    ``count``) is refused by the jitted step next to mesh-sharded params ("incompatible
-    devices"), on one host with several devices as on many hosts; such leaves are replicated.
-    """
+    fresh train state on the mesh (`steps.init_train_state`)."""
     # Abstract init, then host values: the same on every process and no init kernels to compile.
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Llama(CONFIG, rngs=nnx.Rngs(0))), nnx.Param)
     gen = np.random.default_rng(0)
@@ -87,13 +82,10 @@ def init_state(mesh) -> tuple[object, dict]:
 
     params = jax.tree.map(fill, params, sharding.param_logical_names(params), is_leaf=lambda x: isinstance(x, nnx.Variable))
     params = sharding.shard_params(params, mesh)
-    # A typed key on one device cannot be device_put onto devices of other processes; a
-    # replicated global key can.
+    # init_train_state device_puts the key onto the mesh: a typed key on one device cannot go to
+    # other processes' devices that way ("must represent addressable devices"), a global one can.
     rng = _replicated(jax.random.key(0), mesh)
-    state = steps.init_train_state(params, steps.make_optimizer(OPTIM), rng)
-    on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh  # noqa: E731
-    state = jax.tree.map(lambda x: x if on_mesh(x) else _replicated(x, mesh), state)
-    return graphdef, state
+    return graphdef, steps.init_train_state(params, steps.make_optimizer(OPTIM), rng)
 
 
 def make_step(graphdef, state: dict, mesh):
