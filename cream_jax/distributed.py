@@ -66,7 +66,9 @@ def _explicit(coordinator_address: str | None, num_processes: int, process_id: i
     if num_processes == 1:
         return Distributed("single")
     if not coordinator_address:
-        raise ValueError("distributed: num_processes > 1 needs coordinator_address (--coordinator_address or JAX_COORDINATOR_ADDRESS)")
+        raise ValueError(
+            "distributed: num_processes > 1 needs coordinator_address (--coordinator_address or JAX_COORDINATOR_ADDRESS)"
+        )
     if not re.fullmatch(r"\S+:\d+", coordinator_address):
         raise ValueError(f"distributed: coordinator_address must be 'host:port', got {coordinator_address!r}")
     if process_id is None:
@@ -92,7 +94,8 @@ def _slurm(env: Mapping[str, str]) -> Distributed:
         raise ValueError("distributed: SLURM_NTASKS > 1 but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set")
     # The same port JAX's SLURM detection derives from the job id, unless JAX_COORDINATOR_PORT says otherwise.
     port = env.get("JAX_COORDINATOR_PORT") or str(_int(env.get("SLURM_JOB_ID", "0"), "SLURM_JOB_ID") % 4096 + 61440)
-    nodes = _int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or n, "SLURM_NNODES")
+    nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or n
+    nodes = _int(nodes, "SLURM_NNODES")
     local = None if n <= nodes else (_int(env.get("SLURM_LOCALID", "0"), "SLURM_LOCALID"),)
     return Distributed("slurm", f"{first_slurm_host(nodelist)}:{port}", n, pid, local)
 

@@ -170,23 +170,26 @@ def _read_tfds(name: str, split: str) -> tuple[str, list[dict]]:
         raise ValueError(f"{where}: cannot load ({_first_line(e)})") from None
 
 
+def _class_label(value: Any, names: str) -> Any:
+    """A tfds ClassLabel index -> its name (other values unchanged, for the mapper to judge)."""
+    return names[value] if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names) else value
+
+
 def _tfds_arc(row: dict) -> dict:
-    # tfds' ai2_arc stores labels as ClassLabel indices over "ABCDE".
+    # tfds' ai2_arc stores option labels and answerKey as ClassLabel indices over "ABCDE".
     choices = row.get("choices") or {}
-    labels = [LETTERS[i] if isinstance(i, int) and 0 <= i < 5 else i for i in choices.get("label", [])]
-    key = row.get("answerKey")
-    return {**row, "choices": {**choices, "label": labels}, "answerKey": LETTERS[key] if isinstance(key, int) and 0 <= key < 5 else key}
+    labels = [_class_label(i, LETTERS) for i in choices.get("label", [])]
+    return {**row, "choices": {**choices, "label": labels}, "answerKey": _class_label(row.get("answerKey"), LETTERS)}
 
 
 def _tfds_openbookqa(row: dict) -> dict:
     # tfds' openbookqa: question {stem, choice_A..choice_D}, answerKey a ClassLabel over "ABCD", no id.
     q = row.get("question") or {}
     letters = [c for c in "ABCD" if f"choice_{c}" in q]
-    key = row.get("answerKey")
     return {
         "question_stem": q.get("stem"),
         "choices": {"text": [q[f"choice_{c}"] for c in letters], "label": letters},
-        "answerKey": "ABCD"[key] if isinstance(key, int) and 0 <= key < 4 else key,
+        "answerKey": _class_label(row.get("answerKey"), "ABCD"),
     }
 
 
