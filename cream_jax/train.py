@@ -147,6 +147,16 @@ class Run:
         self.save_counter += 1
         progress = {**progress, "results": self.results, "save_counter": self.save_counter}
         self.ckpt.save(self.save_counter, state, progress, extra or {})
+        _maybe_kill_for_test(self.ckpt, progress)
+
+
+def _maybe_kill_for_test(ckpt: checkpoint.RunCheckpointer, progress: dict) -> None:
+    """Fault injection for the resume tests: ``CREAM_JAX_KILL_AT="stage:iteration:phase:step"``
+    SIGKILLs this process right after the matching checkpoint is committed (no clean-up runs)."""
+    target = os.environ.get("CREAM_JAX_KILL_AT")
+    if target and target == f"{progress['stage']}:{progress.get('iteration', 0)}:{progress['phase']}:{progress['step']}":
+        ckpt.wait()
+        os.kill(os.getpid(), 9)
 
 
 def _tokenizer_and_model(cfg: RunConfig, mesh) -> tuple[Any, LlamaConfig, Llama]:
@@ -353,9 +363,16 @@ def curate_iteration(run: Run, t: int, policy: Any, key: jax.Array) -> tuple[dic
         raise ValueError(f"data: the prompt pool of iteration {t} is empty")
     timings: dict[str, float] = {}
     tic = time.perf_counter()
-    prompt_ids, prompt_mask, n_trunc = pipeline.encode_prompts(
-        run.tokenizer, [p["messages"] for p in pool], cfg.data.max_prompt_len, on_overflow=cfg.data.on_overflow
-    )
+    try:
+        prompt_ids, prompt_mask, n_trunc = pipeline.encode_prompts(
+            run.tokenizer, [p["messages"] for p in pool], cfg.data.max_prompt_len, on_overflow=cfg.data.on_overflow,
+            ids=[p["id"] for p in pool],
+        )
+    except ValueError as e:
+        raise ValueError(f"iteration {t} prompts: {e} (Data.max_prompt_len; Data.on_overflow='truncate' cuts instead)") from None
+    if n_trunc:
+        log.warning("iteration %d: %d of %d prompts were longer than Data.max_prompt_len=%d and were left-truncated",
+                    t, n_trunc, len(pool), cfg.data.max_prompt_len)
     prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
     s = cfg.sampling
     k_sample, k_judge = jax.random.split(key)
@@ -441,6 +458,7 @@ def curate_iteration(run: Run, t: int, policy: Any, key: jax.Array) -> tuple[dic
     reward_acc = None
     if oracle is not None:
         reward_acc = float(rewards.reward_accuracy(jnp.asarray(r_now), jnp.asarray(oracle), pairs).accuracy)
+        reward_acc = None if math.isnan(reward_acc) else reward_acc  # no pair with a strict oracle preference
     c_defined = c[c_valid] if c_valid.any() else c
     stats = {
         "consistency": {"mean": float(np.mean(c_defined)), "std": float(np.std(c_defined)), "undefined": int((~c_valid).sum())},
