@@ -501,6 +501,9 @@ def load_oasst(
       split: default "train".
       lang: language filter (None keeps all).
       on_error: "raise" or "skip".
+
+    Returns:
+      `Loaded` with items ``{"id", "messages"}`` (see `oasst_items`).
     """
     if kind not in ("sft", "prompts"):
         raise ValueError(f"load_oasst: kind must be 'sft' or 'prompts', got {kind!r}")
