@@ -20,8 +20,10 @@ Call API (the trainer, the sampler and the scorer depend on it):
   ``nnx.merge(graphdef, params)(ids, mask)`` inside any jitted (and differentiated) function.
 
 Layers are created stacked on a leading "layers" axis with ``nnx.vmap`` and run with
-``jax.lax.scan``, so compile time does not grow with depth. Every parameter carries logical axis
-names (``cream_jax.sharding``); the model itself never sees a mesh.
+``jax.lax.scan`` (training and scoring), so compile time does not grow with depth. The cached
+path (generation) unrolls the layers over per-layer cache buffers instead: see
+``Llama.hidden_states``. Every parameter carries logical axis names (``cream_jax.sharding``);
+the model itself never sees a mesh.
 """
 
 from __future__ import annotations
@@ -217,8 +219,8 @@ def _rotate(x_bnth: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Ar
 class KVCache(NamedTuple):
     """Decode state: keys/values of every layer, which slots hold real tokens, next free slot."""
 
-    k: jax.Array  # [L, B, K, S, H]
-    v: jax.Array  # [L, B, K, S, H]
+    k: tuple[jax.Array, ...]  # L arrays [B, K, S, H]
+    v: tuple[jax.Array, ...]  # L arrays [B, K, S, H]
     mask: jax.Array  # [B, S] int32, 1 where a slot holds a real (non-pad) token
     index: jax.Array  # [] int32, the first slot the next call writes
 
@@ -241,20 +243,20 @@ class Attention(nnx.Module):
         self.bias = c.attention_bias
         self.num_kv_heads = K
 
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None):
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, index=None):
         """Attention over the T new positions, or over the S cache slots when ``kv`` is given.
 
         Args:
           x_btd: [B,T,D] normalised hidden states.
           cos_bth, sin_bth: [B,T,H] rotary tables at each query's position.
           mask_bts: [B,T,S] bool, True where query t may attend key s (S = T without a cache).
-          kv: optional (k [L,B,K,S,H], v [L,B,K,S,H], layer [], index []): the whole cache,
-            this layer's index in it, and the slot where the T new keys and values go.
+          kv: optional (k [B,K,S,H], v [B,K,S,H]) cache of this layer.
+          index: [] int32 slot where the T new keys and values are written into ``kv``.
 
         Returns:
           (out [B,T,D], (k, v) with the new keys and values written in, or None without a cache).
         """
-        # Heads-major layouts ([B,K,T,H], cache [L,B,K,S,H]) so the attention dots need no transposes.
+        # Heads-major layouts ([B,K,T,H], cache [B,K,S,H]) so the attention dots need no transposes.
         q_bnth = jnp.einsum("btd,dnh->bnth", x_btd, self.wq[...])
         k_bkth = jnp.einsum("btd,dkh->bkth", x_btd, self.wk[...])
         v_bkth = jnp.einsum("btd,dkh->bkth", x_btd, self.wv[...])
@@ -266,11 +268,10 @@ class Attention(nnx.Module):
         if kv is None:
             k_bksh, v_bksh, new_kv = k_bkth, v_bkth, None
         else:
-            # Write only the T new slots into the whole cache (in place inside a decode loop).
-            k_all, v_all, layer, index = kv
-            k_all = jax.lax.dynamic_update_slice(k_all, k_bkth[None].astype(k_all.dtype), (layer, 0, 0, index, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v_bkth[None].astype(v_all.dtype), (layer, 0, 0, index, 0))
-            k_bksh, v_bksh, new_kv = k_all[layer], v_all[layer], (k_all, v_all)
+            # Write only the T new slots (in place inside a decode loop).
+            k_bksh = jax.lax.dynamic_update_slice(kv[0], k_bkth.astype(kv[0].dtype), (0, 0, index, 0))
+            v_bksh = jax.lax.dynamic_update_slice(kv[1], v_bkth.astype(kv[1].dtype), (0, 0, index, 0))
+            new_kv = (k_bksh, v_bksh)
         B, N, T, H = q_bnth.shape
         K = self.num_kv_heads
         # Query head n reads KV head n // G (transformers' repeat_kv), hence the (K, G) split.
@@ -323,8 +324,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.eps = config.rms_norm_eps
 
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None):
-        a_btd, kv = self.attn(rms_norm(x_btd, self.input_norm[...], self.eps), cos_bth, sin_bth, mask_bts, kv)
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, index=None):
+        a_btd, kv = self.attn(rms_norm(x_btd, self.input_norm[...], self.eps), cos_bth, sin_bth, mask_bts, kv, index)
         x_btd = x_btd + a_btd
         x_btd = x_btd + self.mlp(rms_norm(x_btd, self.post_attn_norm[...], self.eps))
         return x_btd, kv
@@ -359,10 +360,10 @@ class Llama(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache for ``batch`` rows and ``max_len`` slots (prompt + new tokens)."""
         c = self.config
-        shape = (c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim)
+        shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
         return KVCache(
-            k=jnp.zeros(shape, c.jnp_dtype),
-            v=jnp.zeros(shape, c.jnp_dtype),
+            k=tuple(jnp.zeros(shape, c.jnp_dtype) for _ in range(c.num_hidden_layers)),
+            v=tuple(jnp.zeros(shape, c.jnp_dtype) for _ in range(c.num_hidden_layers)),
             mask=jnp.zeros((batch, max_len), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
@@ -393,29 +394,29 @@ class Llama(nnx.Module):
         x_btd = jnp.take(self.embed[...], input_ids, axis=0)
         layer_def, layer_state = nnx.split(self.layers)
 
-        def layer_fn(state, x_btd, kv):
-            return nnx.merge(layer_def, state)(x_btd, cos_bth, sin_bth, mask_bts, kv)
+        def layer_fn(state, x_btd, kv=None, index=None):
+            return nnx.merge(layer_def, state)(x_btd, cos_bth, sin_bth, mask_bts, kv, index)
 
         if self.remat:
             layer_fn = jax.checkpoint(layer_fn)
 
         if cache is None:
             def body(x_btd, state):
-                return layer_fn(state, x_btd, None)[0], None
+                return layer_fn(state, x_btd)[0], None
 
             x_btd, _ = jax.lax.scan(body, x_btd, layer_state)
             new_cache = None
         else:
-            # The whole cache rides in the carry so that each layer writes its new slots in place.
-            def body(carry, xs):
-                x_btd, k_all, v_all = carry
-                state, layer = xs
-                x_btd, (k_all, v_all) = layer_fn(state, x_btd, (k_all, v_all, layer, cache.index))
-                return (x_btd, k_all, v_all), None
-
-            layers = jnp.arange(self.config.num_hidden_layers)
-            (x_btd, k_all, v_all), _ = jax.lax.scan(body, (x_btd, cache.k, cache.v), (layer_state, layers))
-            new_cache = KVCache(k_all, v_all, key_mask_bs, cache.index + T)
+            # Generation unrolls the layers over per-layer cache buffers: a scan would slice its
+            # layer out of a stacked [L,...] cache, and on CPU XLA copies such slices before each
+            # attention dot, every decode step (measured: that copy dominated the step time).
+            ks, vs = [], []
+            for layer in range(self.config.num_hidden_layers):
+                state = jax.tree.map(lambda x: x[layer], layer_state)
+                x_btd, (k, v) = layer_fn(state, x_btd, (cache.k[layer], cache.v[layer]), cache.index)
+                ks.append(k)
+                vs.append(v)
+            new_cache = KVCache(tuple(ks), tuple(vs), key_mask_bs, cache.index + T)
         return rms_norm(x_btd, self.final_norm[...], self.config.rms_norm_eps), new_cache
 
     def logits(self, h: jax.Array) -> jax.Array:
