@@ -83,7 +83,9 @@ def init_train_state(params: PyTree, optimizer: optax.GradientTransformation, rn
         "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
         "params": params,
         "opt_state": opt_state,
-        "rng": jax.device_put(rng, replicated),
+        # Through the raw key data: a typed key made on one device cannot be device_put across processes.
+        "rng": jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(rng)), replicated),
+                                         impl=jax.random.key_impl(rng)),
     }
 
 

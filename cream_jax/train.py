@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cream_jax import checkpoint, config as config_lib, curate, evaluate, metrics, rewards, sharding, steps
+from cream_jax import checkpoint, config as config_lib, curate, distributed, evaluate, metrics, rewards, sharding, steps
 from cream_jax.config import RunConfig
 from cream_jax.data import pipeline, sources, synthetic
 from cream_jax.models import hf
@@ -661,15 +661,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable); default configs/tiny_cpu.gin")
     parser.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'DPO.beta = 0.05' (repeatable)")
     parser.add_argument("--workdir", default=None, help=f"run directory (checkpoints, logs, results); default {DEFAULT_WORKDIR}")
-    parser.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
-    parser.add_argument("--num_processes", type=int, default=int(os.environ.get("JAX_NUM_PROCESSES", "1")))
-    parser.add_argument("--process_id", type=int, default=int(os.environ.get("JAX_PROCESS_ID", "0")))
+    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
+    parser.add_argument("--num_processes", type=int, default=None, help="processes in the run (env JAX_NUM_PROCESSES)")
+    parser.add_argument("--process_id", type=int, default=None, help="this process's id (env JAX_PROCESS_ID)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    if args.num_processes > 1:
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    _setup_logging()
+    # Reruns and resumes reuse compiled programs (JAX's persistent cache; JAX_COMPILATION_CACHE_DIR overrides).
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "cream_jax" / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     files = args.gin_file or [str(default_gin_file())]
     try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         config_lib.parse_gin(files, args.gin_param)
         cfg = config_lib.build_run_config()
         run_loop(cfg, args.workdir or DEFAULT_WORKDIR)
@@ -680,6 +683,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     return 0
+
+
+def _setup_logging() -> None:
+    """Our own handler: absl (imported by orbax) may already own the root logger."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def default_gin_file() -> Path:
