@@ -10,6 +10,7 @@ Shape letters: B prompts, R responses per prompt, T time (prompt + response), S 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -227,12 +228,15 @@ def pair_records(
     }
 
 
-def consistency_of(r_now: np.ndarray, r_prev: np.ndarray, mask: np.ndarray | None, *, method: str, level: str, ties: str):
-    """(C [B], tau-valid [B]) with the configured metric and level (METHODS 2.3, section 0)."""
-    c, valid = consistency.consistency_rate(
-        jnp.asarray(r_now), jnp.asarray(r_prev), None if mask is None else jnp.asarray(mask),
-        method=method, level=level, ties=ties, return_valid=True,
-    )
+@functools.partial(jax.jit, static_argnames=("method", "level", "ties"))
+def _consistency(r_now, r_prev, mask, *, method, level, ties):
+    return consistency.consistency_rate(r_now, r_prev, mask, method=method, level=level, ties=ties, return_valid=True)
+
+
+def consistency_of(r_now: np.ndarray, r_prev: np.ndarray, mask: np.ndarray, *, method: str, level: str, ties: str):
+    """(C [B], tau-valid [B]) with the configured metric and level (METHODS 2.3, section 0);
+    compiled once per shape, so later iterations reuse it."""
+    c, valid = _consistency(jnp.asarray(r_now), jnp.asarray(r_prev), jnp.asarray(mask), method=method, level=level, ties=ties)
     return np.asarray(c, np.float32), np.asarray(valid, bool)
 
 

@@ -209,9 +209,9 @@ def _state_abstract(state: dict) -> dict:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def _step_fn(run: Run, kind: str, optim: config_lib.OptimConfig, state: dict):
-    """The compiled step of a stage kind, built once per (kind, optimizer config) and reused across
-    iterations, so iterations >= 2 compile nothing new."""
+def _step_fn(run: Run, kind: str, optim: config_lib.OptimConfig, params: Any):
+    """(compiled step, optimizer) of a stage kind, built once per (kind, optimizer config) and reused
+    across iterations, so iterations >= 2 compile nothing new."""
     key = (kind, optim)
     if key not in run.step_fns:
         cfg = run.cfg
@@ -225,8 +225,11 @@ def _step_fn(run: Run, kind: str, optim: config_lib.OptimConfig, state: dict):
                                            cfg.reward.scir_divergence, verdict)
         else:
             loss_fn = steps.make_dpo_loss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing)
-        run.step_fns[key] = steps.make_train_step(loss_fn, run.graphdef, steps.make_optimizer(optim), run.mesh,
-                                                  steps.state_shardings(state), optim.grad_accum)
+        optimizer = steps.make_optimizer(optim)
+        template = steps.init_train_state(params, optimizer, jax.random.key(0))
+        train_step = steps.make_train_step(loss_fn, run.graphdef, optimizer, run.mesh,
+                                           steps.state_shardings(template), optim.grad_accum)
+        run.step_fns[key] = (train_step, optimizer)
     return run.step_fns[key]
 
 
@@ -257,9 +260,8 @@ def train_on_arrays(
         raise ValueError(f"config: {name} batch_size={bs} must be a multiple of data*fsdp*grad_accum={multiple}")
     if total_steps is None:
         total_steps = max(1, math.ceil(n / bs)) * (epochs or 1)
-    optimizer = steps.make_optimizer(optim)
+    train_step, optimizer = _step_fn(run, kind, optim, params)
     state = steps.init_train_state(params, optimizer, jax.random.key(seed))
-    train_step = _step_fn(run, kind, optim, state)
     loader = pipeline.make_loader(list(range(n)), bs, seed=seed, shuffle=True, num_epochs=None, drop_remainder=False)
     start = 0
     if resume is not None and int(resume["progress"].get("step", 0)) > 0:
