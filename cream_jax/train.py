@@ -472,8 +472,8 @@ def curate_iteration(run: Run, t: int, policy: Any, key: jax.Array) -> tuple[dic
                     for i in range(min(b, cfg.eval.num_logged_samples))],
     }
     if not keep.any():
-        raise ValueError(f"iteration {t}: no preference pair survived ({n_tied} prompts had all responses tied); "
-                         "raise sampling.temperature or sampling.num_samples")
+        log.warning("iteration %d: no preference pair survived (%d of %d prompts had tied rewards); M_%d is carried "
+                    "over untrained. Raise Sampling.temperature or Sampling.num_samples.", t, n_tied, b, t)
     return records, stats
 
 
@@ -571,18 +571,21 @@ def run_loop(cfg: RunConfig, workdir: str | os.PathLike) -> dict:
         tic = time.perf_counter()
         res = resume_at("iteration", t)
         if res is not None:
-            records = {k: np.asarray(v) for k, v in res["state"]["records"].items()}
+            records = {k: np.asarray(v) for k, v in res["state"].get("records", {}).items()}
             stats = res["progress"]["curate_stats"]
         else:
             records, stats = curate_iteration(run, t, policy, it_key)
+            if stats["pairs_kept"] == 0:
+                records = {}
             run.save({"records": records}, {"stage": "iteration", "iteration": t, "phase": "train", "step": 0,
                                             "curate_stats": stats})
         curate_seconds = time.perf_counter() - tic
         tic = time.perf_counter()
-        new_policy = train_on_arrays(run, name=f"iter{t}/train", kind="scir" if cfg.method == "scir" else "dpo",
-                                     records=records, optim=cfg.dpo.optim, params=policy, epochs=cfg.dpo.epochs,
-                                     progress_base={"stage": "iteration", "iteration": t, "curate_stats": stats},
-                                     resume=res, seed=cfg.seed + 100 + t)
+        new_policy = policy if not records else train_on_arrays(
+            run, name=f"iter{t}/train", kind="scir" if cfg.method == "scir" else "dpo", records=records,
+            optim=cfg.dpo.optim, params=policy, epochs=cfg.dpo.epochs,
+            progress_base={"stage": "iteration", "iteration": t, "curate_stats": stats}, resume=res,
+            seed=cfg.seed + 100 + t)
         train_seconds = time.perf_counter() - tic
         tic = time.perf_counter()
         acc, samples = evaluate_model(run, new_policy, jax.random.fold_in(it_key, 1))

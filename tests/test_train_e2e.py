@@ -1,0 +1,165 @@
+"""End to end: the real CLI on a minute-scale config, kill-and-resume, every method, bad input.
+
+The uninterrupted smoke run is shared by the tests of this module (module-scoped fixture); the
+method tests reuse its M0/M1 so that each runs only its self-rewarding iteration.
+"""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = str(ROOT / "tests" / "configs" / "smoke.gin")
+pytestmark = pytest.mark.slow
+
+
+def cli(workdir, *extra, env_extra=None, check=True):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI runs on 1 CPU device
+    env.update({"CREAM_JAX_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}, **(env_extra or {}))
+    cmd = [sys.executable, "-m", "cream_jax.train", "--gin_file", SMOKE, "--workdir", str(workdir), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke") / "run"
+    proc = cli(workdir)
+    return workdir, proc
+
+
+def load_params(workdir, name):
+    from cream_jax import checkpoint
+
+    store = checkpoint.ModelStore(Path(workdir) / "models")
+    return store.load(name)
+
+
+def comparable(results):
+    """results.json without wall-clock fields."""
+    out = json.loads(json.dumps(results))
+    for row in out["iterations"]:
+        row.pop("seconds", None)
+        row.pop("compiles", None)
+    return out
+
+
+def test_cli_writes_every_output(smoke_run):
+    workdir, proc = smoke_run
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["config"]["method"] == "cream"
+    rows = results["iterations"]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert rows[2]["compiles"] == 0  # iterations after the first reuse every compiled program
+    it = rows[1]
+    assert set(it["accuracy"]) == {"arith", "choice"}
+    assert all(0.0 <= v <= 1.0 for v in it["accuracy"].values())
+    assert 0.0 <= it["consistency"]["mean"] <= 1.0 and it["consistency"]["std"] >= 0.0
+    assert it["pairs_kept"] > 0
+    assert {"sample", "score", "train", "eval"} <= set(it["seconds"])
+    with open(workdir / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3 and "consistency/mean" in table[0]
+    assert (workdir / "results.png").stat().st_size > 1000
+    assert "Run.method" in (workdir / "operative_config.gin").read_text()
+    assert "config_hash" in json.loads((workdir / "run.json").read_text())
+    assert list((workdir / "logs").glob("events.out.tfevents.*"))
+    assert (workdir / "samples" / "iter_1.jsonl").exists()
+    assert "consistency" in proc.stdout and "M2" in proc.stdout  # the final table
+
+
+def test_kill_during_iteration_then_resume_equals_uninterrupted(smoke_run, tmp_path):
+    reference, _ = smoke_run
+    workdir = tmp_path / "run"
+    killed = cli(workdir, env_extra={"CREAM_JAX_KILL_AT": "iteration:1:train:1"}, check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (workdir / "models" / "m2").exists()
+    resumed = cli(workdir)
+    assert "stage M0" not in resumed.stderr and "stage M1" not in resumed.stderr
+    assert "resuming from checkpoint" in resumed.stderr
+    ref = json.loads((reference / "results.json").read_text())
+    got = json.loads((workdir / "results.json").read_text())
+    assert comparable(got) == comparable(ref)
+    a, b = load_params(reference, "m3"), load_params(workdir, "m3")
+    import jax
+
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+
+
+def test_finished_workdir_reruns_nothing_and_other_config_is_refused(smoke_run, tmp_path):
+    reference, _ = smoke_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference, workdir)
+    again = cli(workdir)
+    assert comparable(json.loads((workdir / "results.json").read_text())) == comparable(
+        json.loads((reference / "results.json").read_text()))
+    assert "stage M0" not in again.stderr and "stage M1" not in again.stderr
+    other = cli(workdir, "--gin_param", "DPO.beta = 0.5", check=False)
+    assert other.returncode == 2
+    line = other.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: workdir") and "different config" in line
+
+
+@pytest.mark.parametrize("method", ["srlm", "sera", "scir", "dpo_oracle"])
+def test_each_method_runs_one_iteration(smoke_run, tmp_path, method):
+    reference, _ = smoke_run
+    workdir = tmp_path / method
+    (workdir / "models").mkdir(parents=True)
+    for name in ("m0", "m1"):  # start from the shared M0/M1: only the iteration runs
+        shutil.copytree(reference / "models" / name, workdir / "models" / name)
+    cli(workdir, "--gin_param", f"Run.method = '{method}'", "--gin_param", "Run.iterations = 1")
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["config"]["method"] == method
+    row = results["iterations"][-1]
+    assert row["iteration"] == 1
+    # The untrained smoke model answers nothing right, so the oracle ties every response: no pair
+    # survives, the run says so and carries M1 over (dropped pairs are counted, nothing crashes).
+    assert row["pairs_kept"] > 0 if method != "dpo_oracle" else row["pairs_kept"] + row["pairs_tied"] == 16
+
+
+@pytest.mark.parametrize(
+    "binding, message",
+    [
+        ("Run.method = 'nope'", "method='nope' is not one of"),
+        ("Data.sft_path = '/nonexistent/sft.json'", "/nonexistent/sft.json"),
+        ("Suite.pool_per_iteration = 0", "prompt pool of iteration 1 is empty"),
+        ("Data.on_overflow = 'error'", "Data.max_prompt_len"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, binding, message):
+    extra = ["--gin_param", binding]
+    if "on_overflow" in binding:
+        extra += ["--gin_param", "Data.max_prompt_len = 8"]
+    proc = cli(tmp_path / "run", *extra, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path):
+    reference, _ = smoke_run
+    workdir = tmp_path / "nan"
+    (workdir / "models").mkdir(parents=True)
+    for name in ("m0", "m1"):
+        shutil.copytree(reference / "models" / name, workdir / "models" / name)
+    proc = cli(workdir, "--gin_param", "DPOOptim.learning_rate = 1e39",
+               check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "non-finite" in proc.stderr or "NaN" in proc.stderr
+    assert not (workdir / "models" / "m2").exists()
+    assert (workdir / "models" / "m1").exists()
+    from cream_jax import checkpoint
+
+    state, progress, _ = checkpoint.RunCheckpointer(workdir / "checkpoints").restore()
+    assert progress["stage"] == "iteration" and progress["iteration"] == 1
+    assert checkpoint.is_finite_tree(state)
