@@ -128,6 +128,30 @@ def hf_generated_mask(out_tokens: np.ndarray, eos: int) -> np.ndarray:
     return (after == 0).astype(np.int32)
 
 
+def fastest_torch_threads(run) -> int:
+    """Sets torch to 1 or all cores, whichever runs ``run`` faster (best of 2), and returns it.
+
+    On this shared 2-core machine torch with 2 threads was up to 8x slower than with 1 (its
+    threads spin against the other jobs), so transformers gets its better setting.
+    """
+    import torch
+
+    times = {}
+    for n in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(n)
+        run()  # warm-up
+        times[n] = min(_seconds(run) for _ in range(2))
+    best = min(times, key=times.get)
+    torch.set_num_threads(best)
+    return best
+
+
+def _seconds(run) -> float:
+    t = time.perf_counter()
+    run()
+    return time.perf_counter() - t
+
+
 def bench_size(size: str, args) -> dict:
     import torch
     import transformers
@@ -147,7 +171,6 @@ def bench_size(size: str, args) -> dict:
     tok_s = max(int(np.asarray(r[1]).sum()) / dt for dt, _, r in runs)
     _, frac, peak = summarize([(useful_flops(cfg, mask, np.asarray(r[1])) / dt / 1e9, p) for dt, p, r in runs])
 
-    torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_llama(model, cfg, tmp)
         hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
@@ -160,7 +183,8 @@ def bench_size(size: str, args) -> dict:
     ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
     theirs = []
     with torch.no_grad():
-        hf.generate(input_ids=ids_t, attention_mask=mask_t, **{**hf_kw, "max_new_tokens": 2})  # warm-up
+        threads = fastest_torch_threads(lambda: hf.generate(input_ids=ids_t, attention_mask=mask_t,
+                                                            **{**hf_kw, "max_new_tokens": 4}))
         for rep in range(args.hf_repeats):
             torch.manual_seed(rep)
             t = time.perf_counter()
@@ -168,7 +192,8 @@ def bench_size(size: str, args) -> dict:
             dt = time.perf_counter() - t
             hmask = hf_generated_mask(out[:, ids.shape[1]:].numpy(), eos)
             theirs.append(int(hmask.sum()) / dt)
-    return dict(size=size, params=total, ours=tok_s, hf=max(theirs), compile=compile_s, frac=frac, peak=peak)
+    return dict(size=size, params=total, ours=tok_s, hf=max(theirs), compile=compile_s, frac=frac, peak=peak,
+                threads=threads)
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -193,10 +218,10 @@ def main():
     print("peak = float32 1024^2 matmul GFLOP/s probed after each timed run (max shown); of peak = median of "
           "(useful model FLOP/s / paired probe)")
     print(f"{'size':>5} {'params':>9} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'compile s':>9} "
-          f"{'peak':>6} {'of peak':>7}")
+          f"{'peak':>6} {'of peak':>7} {'torch thr':>9}")
     for r in rows:
         print(f"{r['size']:>5} {r['params'] / 1e6:8.2f}M {r['ours']:11.0f} {r['hf']:9.0f} {r['ours'] / r['hf']:6.1f} "
-              f"{r['compile']:9.1f} {r['peak']:6.0f} {r['frac']:7.1%}")
+              f"{r['compile']:9.1f} {r['peak']:6.0f} {r['frac']:7.1%} {r['threads']:9d}")
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.sampling import SIZES, make_model, n_params, summarize, timed  # noqa: E402
+from bench.sampling import SIZES, fastest_torch_threads, make_model, n_params, summarize, timed  # noqa: E402
 from cream_jax import scoring  # noqa: E402
 from cream_jax.models.hf import save_hf_llama  # noqa: E402
 
@@ -69,7 +69,6 @@ def bench_size(size, args):
     f = flops(cfg, mask)
     achieved, frac, peak = summarize([(f / dt / 1e9, p) for dt, p, _ in runs])
 
-    torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_llama(model, cfg, tmp)
         hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
@@ -82,6 +81,7 @@ def bench_size(size, args):
         return (logp * resp_t[:, 1:]).sum(1)
 
     with torch.no_grad():
+        threads = fastest_torch_threads(hf_score)
         ref = hf_score()
         np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-3, atol=1e-3)
         hf_best = 1e9
@@ -91,7 +91,7 @@ def bench_size(size, args):
             hf_best = min(hf_best, time.perf_counter() - t)
     tokens = ids.size
     return dict(size=size, params=n_params(cfg)[0], ours=tokens * achieved / (f / 1e9), hf=tokens / hf_best,
-                compile=compile_s, gflops=achieved, frac=frac, peak=peak)
+                compile=compile_s, gflops=achieved, frac=frac, peak=peak, threads=threads)
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -111,10 +111,10 @@ def main():
     print("peak = float32 1024^2 matmul GFLOP/s probed after each timed run (max shown); of peak = median of "
           "(useful model FLOP/s / paired probe)")
     print(f"{'size':>5} {'params':>9} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'compile s':>9} "
-          f"{'GFLOP/s':>8} {'peak':>6} {'of peak':>7}")
+          f"{'GFLOP/s':>8} {'peak':>6} {'of peak':>7} {'torch thr':>9}")
     for r in rows:
         print(f"{r['size']:>5} {r['params'] / 1e6:8.2f}M {r['ours']:11.0f} {r['hf']:9.0f} {r['ours'] / r['hf']:6.1f} "
-              f"{r['compile']:9.1f} {r['gflops']:8.1f} {r['peak']:6.0f} {r['frac']:7.1%}")
+              f"{r['compile']:9.1f} {r['gflops']:8.1f} {r['peak']:6.0f} {r['frac']:7.1%} {r['threads']:9d}")
 
 if __name__ == "__main__":
     main()

@@ -113,6 +113,19 @@ def test_filters_match_transformers_warpers(temperature, top_k, top_p):
     np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-5, atol=1e-5)
 
 
+def test_two_level_sampler_matches_weights():
+    rng = np.random.default_rng(0)
+    w = rng.random(100) ** 2  # V = 100 is not a multiple of the block size: padding is exercised
+    w[[0, 15, 16, 37, 99]] = 0.0  # zero weights at block edges and at both ends are never drawn
+    keys = jax.random.split(jax.random.key(9), 20000)
+    draws = jax.jit(jax.vmap(lambda k: sampling._sample(jnp.asarray(w, jnp.float32)[None], k)[0]))(keys)
+    counts = np.bincount(np.asarray(draws), minlength=100)
+    assert counts[w == 0].sum() == 0
+    assert _chi2_pvalue(counts, w / w.sum()) > 1e-3
+    one_hot = jnp.zeros((3, 16)).at[:, 11].set(2.0)
+    np.testing.assert_array_equal(np.asarray(sampling._sample(one_hot, jax.random.key(0))), [11, 11, 11])
+
+
 def _chi2_pvalue(counts, probs):
     """Pearson chi-square p-value, pooling bins expected below 5 so the test is valid."""
     expected = probs * counts.sum()
