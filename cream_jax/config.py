@@ -73,7 +73,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 1500
+    steps: int = 400
     seq_len: int = 128
     optim: OptimConfig = OptimConfig(learning_rate=3e-3, batch_size=32)
 

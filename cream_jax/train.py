@@ -182,6 +182,23 @@ def _tokenizer_and_model(cfg: RunConfig, mesh) -> tuple[Any, LlamaConfig, Llama]
     return tok, mc, model
 
 
+def _check_prompt_pools(cfg: RunConfig, tokenizer: Any, data: TaskData) -> None:
+    """Empty pools and (with on_overflow="error") over-long prompts fail before any training starts."""
+    for t in range(1, cfg.iterations + 1):
+        pool = data.pools[t - 1] if t - 1 < len(data.pools) else []
+        if cfg.data.prompts_per_iteration:
+            pool = pool[: cfg.data.prompts_per_iteration]
+        if not pool:
+            raise ValueError(f"data: the prompt pool of iteration {t} is empty")
+        if cfg.data.on_overflow == "error":
+            try:
+                pipeline.encode_prompts(tokenizer, [p["messages"] for p in pool], cfg.data.max_prompt_len,
+                                        on_overflow="error", ids=[p["id"] for p in pool])
+            except ValueError as e:
+                raise ValueError(f"iteration {t} prompts: {e} (Data.max_prompt_len; Data.on_overflow='truncate' "
+                                 "cuts instead)") from None
+
+
 def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
     """Creates the run context (mesh, tokenizer, M0's initial params, writers, checkpointer)."""
     workdir = Path(workdir)
@@ -191,7 +208,14 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tok, mc, model = _tokenizer_and_model(cfg, mesh)
     graphdef, params = nnx.split(model)
+    longest = max(cfg.data.max_prompt_len + cfg.sampling.max_new_tokens, cfg.sft.max_len, cfg.pretrain.seq_len)
+    if longest > mc.max_position_embeddings:
+        raise ValueError(
+            f"config: sequences of up to {longest} tokens (Data.max_prompt_len + Sampling.max_new_tokens, SFT.max_len, "
+            f"Pretrain.seq_len) exceed the model's context of {mc.max_position_embeddings} (max_position_embeddings)"
+        )
     data = load_task_data(cfg)
+    _check_prompt_pools(cfg, tok, data)
     run = Run(
         cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tok, tokens=curate.TokenSpec.from_tokenizer(tok),
         model_config=mc, graphdef=graphdef, data=data,
@@ -506,6 +530,19 @@ def run_loop(cfg: RunConfig, workdir: str | os.PathLike) -> dict:
     """Runs (or resumes) the whole pipeline; returns the results dict also written to results.json."""
     total_tic = time.perf_counter()
     run, params0 = setup(cfg, workdir)
+    try:
+        out = _run_stages(run, params0)
+    finally:  # pending asynchronous checkpoint writes finish (or fail) before the process exits
+        run.ckpt.close()
+        run.store.close()
+        run.writer.close()
+    print(metrics.format_table(out))
+    print(f"total {time.perf_counter() - total_tic:.1f}s; results in {run.workdir / 'results.json'}")
+    return out
+
+
+def _run_stages(run: Run, params0: Any) -> dict:
+    cfg = run.cfg
     checkpoint.write_run_info(run.workdir, config_text=_config_text(cfg), config_hash=config_lib.fingerprint(cfg),
                               git_hash=checkpoint.git_hash())
     run.models["policy"] = params0
@@ -608,13 +645,7 @@ def run_loop(cfg: RunConfig, workdir: str | os.PathLike) -> dict:
         run.save({}, {"stage": "iteration", "iteration": t + 1, "phase": "curate", "step": 0})
         log.info("iteration %d done: accuracy %s; %d XLA compilations during it", t, acc, row["compiles"])
         policy = new_policy
-    run.ckpt.wait()
-    run.store.wait()
-    run.writer.close()
-    out = _write_outputs(run)
-    print(metrics.format_table(out))
-    print(f"total {time.perf_counter() - total_tic:.1f}s; results in {run.workdir / 'results.json'}")
-    return out
+    return _write_outputs(run)
 
 
 def _abstract(params: Any) -> Any:

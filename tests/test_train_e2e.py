@@ -134,6 +134,7 @@ def test_each_method_runs_one_iteration(smoke_run, tmp_path, method):
         ("Data.sft_path = '/nonexistent/sft.json'", "/nonexistent/sft.json"),
         ("Suite.pool_per_iteration = 0", "prompt pool of iteration 1 is empty"),
         ("Data.on_overflow = 'error'", "Data.max_prompt_len"),
+        ("Model.max_position_embeddings = 64", "exceed the model's context of 64"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, binding, message):
@@ -163,3 +164,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path):
     state, progress, _ = checkpoint.RunCheckpointer(workdir / "checkpoints").restore()
     assert progress["stage"] == "iteration" and progress["iteration"] == 1
     assert checkpoint.is_finite_tree(state)
+
+
+def test_memory_option_bf16_and_hf_export(smoke_run, tmp_path):
+    """M_{t-1}/M0 brought in from disk for scoring, bfloat16 params, and an HF export per iteration."""
+    reference, _ = smoke_run
+    workdir = tmp_path / "lowmem"
+    proc = cli(workdir, "--gin_param", "Run.keep_models_resident = False", "--gin_param", "Model.dtype = 'bfloat16'",
+               "--gin_param", "Run.export_hf = True", "--gin_param", "Pretrain.steps = 2")
+    results = json.loads((workdir / "results.json").read_text())
+    assert [r["iteration"] for r in results["iterations"]] == [0, 1, 2]
+    import transformers
+
+    hf_dir = workdir / "hf" / "M3"
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir)
+    assert str(model.dtype) == "torch.bfloat16"
+    assert "M3" in proc.stdout
