@@ -15,7 +15,6 @@ assistant, ``add_generation_prompt``). Training is deterministic; the committed 
 from __future__ import annotations
 
 import argparse
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
