@@ -33,8 +33,9 @@
 # a minute, but such a tiny model's responses are mostly noise.
 
 # %%
-# Colab: install cream_jax first (set CREAM_JAX_PIP to your clone's git URL). The guard keeps this
-# cell a no-op outside Colab, e.g. when the tests execute the notebook.
+# Colab: install cream_jax first (set CREAM_JAX_PIP to your clone's git URL; on a GPU or TPU
+# runtime, install the accelerator build of the pinned jax version afterwards). The guard keeps
+# this cell a no-op outside Colab, e.g. when the tests execute the notebook.
 import importlib.util
 import subprocess
 import sys
@@ -71,7 +72,10 @@ print("jax", jax.__version__, "devices:", jax.devices())
 # The configuration is the trainer's own (frozen dataclasses bound by gin, `cream_jax/config.py`):
 # the bindings below are a minute-scale variant of `configs/tiny_cpu.gin`. An HF checkpoint is
 # fetched with `huggingface_hub.snapshot_download` (safetensors and tokenizer files only) unless
-# `HF_HUB_OFFLINE=1`.
+# `HF_HUB_OFFLINE=1`. Either way the SFT seed set and the prompts come from the embedded synthetic
+# suite (short arithmetic and multiple-choice questions); `Data.sft_path` and `Data.prompt_paths`
+# bind your own files instead (README.md). `train.setup` builds the mesh over all devices, loads
+# the tokenizer and M0's initial parameters.
 
 # %%
 def fetch_checkpoint(model: str) -> str | None:
@@ -91,8 +95,25 @@ def fetch_checkpoint(model: str) -> str | None:
 
 
 checkpoint_dir = fetch_checkpoint(MODEL)
-if checkpoint_dir is None:  # the embedded tiny LLaMA, pre-trained below
-    model_bindings = [
+bindings = [
+    "Run.method = 'cream'",
+    "Run.iterations = 1",
+    f"Run.seed = {SEED}",
+    "Run.checkpoint_every = 0",  # no mid-phase checkpoints in a notebook
+    # The embedded synthetic suite: pre-training corpus, SFT seed set, prompts, test questions.
+    "Suite.num_pretrain = 400",
+    "Suite.num_sft = 32",
+    f"Suite.pool_per_iteration = {NUM_PROMPTS}",
+    "Suite.num_test = 8",
+    "SFT.epochs = 1",
+    "Sampling.num_samples = 4",  # N (CREAM: 5)
+    f"Sampling.batch_size = {NUM_PROMPTS}",
+    "DPO.beta = 0.1",
+]
+if checkpoint_dir is None:
+    # The embedded tiny LLaMA, pre-trained below at a high learning rate. Pre-training and SFT
+    # share one optimizer setting and row length, hence one compiled train step.
+    bindings += [
         "Model.source = 'embedded'",
         "Model.hidden_size = 64",
         "Model.intermediate_size = 128",
@@ -100,45 +121,36 @@ if checkpoint_dir is None:  # the embedded tiny LLaMA, pre-trained below
         "Model.num_attention_heads = 4",
         "Model.num_key_value_heads = 2",
         "Data.max_prompt_len = 80",  # the longest embedded prompt is 65 tokens
+        "Pretrain.steps = 30",
+        "Pretrain.seq_len = 96",
+        "PretrainOptim.learning_rate = 2e-3",
+        "PretrainOptim.batch_size = 8",
+        "SFT.max_len = 96",
+        "SFTOptim.learning_rate = 2e-3",
+        "SFTOptim.batch_size = 8",
+        "Sampling.temperature = 1.0",  # more spread among the responses of a barely trained model
+        "Sampling.top_p = 1.0",
         "Sampling.max_new_tokens = 16",
+        f"Reward.score_batch_size = {NUM_PROMPTS * 4}",
         "DPOOptim.learning_rate = 1e-3",
     ]
-else:  # a real checkpoint: bf16 on an accelerator, longer prompts (chat templates add a system turn)
-    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    model_bindings = [
+else:
+    # A real checkpoint: CREAM's sampling (METHODS 2.4), small learning rates, room for a system
+    # turn in the chat template, and 4 micro-batches per DPO step so that the float32 logits of
+    # a large vocabulary ([rows, T, V]) fit on one GPU.
+    bindings += [
         f"Model.source = {checkpoint_dir!r}",
-        f"Model.dtype = {dtype!r}",
         "Data.max_prompt_len = 160",
-        "Sampling.max_new_tokens = 48",
+        "SFT.max_len = 256",
+        "SFTOptim.learning_rate = 1e-5",
+        "SFTOptim.batch_size = 8",
+        "Sampling.temperature = 0.8",
+        "Sampling.top_p = 0.95",
+        "Sampling.max_new_tokens = 64",
+        "Reward.score_batch_size = 16",
         "DPOOptim.learning_rate = 1e-5",
+        "DPOOptim.grad_accum = 4",
     ]
-bindings = model_bindings + [
-    "Run.method = 'cream'",
-    "Run.iterations = 1",
-    f"Run.seed = {SEED}",
-    "Run.checkpoint_every = 0",  # no mid-phase checkpoints in a notebook
-    # The embedded synthetic suite: pre-training corpus, SFT seed set, prompt pool.
-    "Suite.num_pretrain = 400",
-    "Suite.num_sft = 32",
-    f"Suite.pool_per_iteration = {NUM_PROMPTS}",
-    "Suite.num_test = 8",
-    # Pre-training and SFT share one optimizer setting and row length, hence one compiled step.
-    "Pretrain.steps = 30",
-    "Pretrain.seq_len = 96",
-    "PretrainOptim.learning_rate = 2e-3",
-    "PretrainOptim.batch_size = 8",
-    "SFT.epochs = 1",
-    "SFT.max_len = 96",
-    "SFTOptim.learning_rate = 2e-3",
-    "SFTOptim.batch_size = 8",
-    # Sampling (CREAM samples N = 5 at temperature 0.8, METHODS 2.2 a; more spread here).
-    "Sampling.num_samples = 4",
-    "Sampling.temperature = 1.0",
-    "Sampling.top_p = 1.0",
-    f"Sampling.batch_size = {NUM_PROMPTS}",
-    f"Reward.score_batch_size = {NUM_PROMPTS * 4}",
-    "DPO.beta = 0.1",
-]
 config_lib.parse_gin([], bindings)
 cfg = config_lib.build_run_config()
 run, params0 = train.setup(cfg, tempfile.mkdtemp(prefix="cream_quickstart_"))
@@ -238,8 +250,10 @@ print("r_prev (prompt 0):", np.round(r_prev[0], 3))
 # others.
 
 # %%
-r = cfg.reward
-c, c_valid = curate.consistency_of(r_now, r_prev, valid, method=r.consistency_method, level=r.consistency_level, ties=r.ties)
+rc = cfg.reward
+c, c_valid = curate.consistency_of(
+    r_now, r_prev, valid, method=rc.consistency_method, level=rc.consistency_level, ties=rc.ties,
+)
 print("consistency C per prompt:", np.round(c, 3))
 print(f"mean C = {c[c_valid].mean():.3f} over {int(c_valid.sum())} prompts with a defined tau")
 
@@ -279,17 +293,20 @@ plt.show()
 # and reference M1 (METHODS 2.3, 2.2 f). At the first step the policy is the reference, so every
 # pair's loss is `log 2`; it can fall only to the pair's binary entropy `H(C)` (reached where
 # `sigmoid(Delta) = C`), so a pair whose two rankings are unrelated (C near 0.5) barely moves the
-# model, and a pair ranked in reverse by M0 (C < 0.5) is trained towards the reversed order. The step is the trainer's own
-# jitted, sharded step (`cream_jax.steps`); all kept pairs form one batch here.
+# model, and a pair ranked in reverse by M0 (C < 0.5) is trained towards the reversed order.
+#
+# The step is the trainer's own jitted, sharded step (`cream_jax.steps`); all kept pairs form one
+# batch here, padded to a multiple of the mesh's batch axes (padding rows get weight 0).
 
 # %%
 optim = cfg.dpo.optim
 loss_fn = steps.make_dpo_loss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing)
 optimizer = steps.make_optimizer(optim)
 state = steps.init_train_state(m1, optimizer, jax.random.key(cfg.seed))
-train_step = steps.make_train_step(loss_fn, run.graphdef, optimizer, run.mesh, steps.state_shardings(state))
+train_step = steps.make_train_step(loss_fn, run.graphdef, optimizer, run.mesh, steps.state_shardings(state),
+                                   optim.grad_accum)
 
-padded, real = pipeline.pad_to_multiple(records, sharding.batch_multiple(run.mesh))
+padded, real = pipeline.pad_to_multiple(records, sharding.batch_multiple(run.mesh) * optim.grad_accum)
 batch = sharding.shard_batch({**padded, "weight": real.astype(np.float32)}, run.mesh)
 history = []
 for step in range(NUM_TRAIN_STEPS):

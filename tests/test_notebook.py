@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from tests._tiny_models import save_tiny_llama, save_tiny_tokenizer
+from cream_jax.models.hf import save_hf_llama
+from cream_jax.models.llama import LlamaConfig
+from tests._tiny_models import TINY_LLAMA, random_llama, save_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 NB_PY = ROOT / "notebooks" / "quickstart.py"
@@ -33,7 +35,8 @@ def kernel_env() -> dict:
 
 def execute(nb: nbformat.NotebookNode, cwd: Path) -> nbformat.NotebookNode:
     """Runs every cell (raises nbclient's CellExecutionError on the first failing one)."""
-    NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(cwd)}}).execute(env=kernel_env())
+    client = NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(cwd)}})
+    client.execute(env=kernel_env())
     return nb
 
 
@@ -87,9 +90,14 @@ def test_notebook_runs_offline_on_the_embedded_model(tmp_path):
 
 @pytest.mark.slow
 def test_notebook_loads_a_local_hf_checkpoint(tmp_path):
-    """The HF branch (set-up cells only): MODEL as a local folder goes through load_hf_llama."""
+    """The HF branch (set-up cells only): MODEL as a local folder goes through load_hf_llama.
+
+    The folder is written by save_hf_llama (no torch import); that transformers' own folders load
+    is tested in test_hf.py.
+    """
     folder = tmp_path / "tiny-llama"
-    save_tiny_llama(folder)
+    config = LlamaConfig.from_hf(TINY_LLAMA)
+    save_hf_llama(random_llama(config), config, str(folder))
     save_tiny_tokenizer(folder)
     nb = nbformat.read(NB_IPYNB, as_version=4)
     last_setup = next(i for i, c in enumerate(nb.cells) if "train.setup(" in c.source)
@@ -104,7 +112,8 @@ def test_ipynb_is_the_jupytext_rendering_of_the_py():
     """Edit the .py, then regenerate: ``jupytext --to ipynb notebooks/quickstart.py``."""
     regenerated = jupytext.reads(NB_PY.read_text(), fmt="py:percent")
     committed = nbformat.read(NB_IPYNB, as_version=4)
-    assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in regenerated.cells]
+    cells = lambda nb: [(c.cell_type, c.source) for c in nb.cells]  # noqa: E731
+    assert cells(committed) == cells(regenerated)
     for cell in committed.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, "outputs must be stripped"
