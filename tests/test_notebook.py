@@ -82,7 +82,7 @@ def test_notebook_runs_offline_on_the_embedded_model(tmp_path):
     first, last = map(float, re.search(r"loss (\S+) \(log 2 = \S+\) -> (\S+)", text).groups())
     assert abs(first - math.log(2)) < 1e-4, first
     assert last < first - 0.01, (first, last)
-    assert len(re.findall(r"^step \d+: loss", text, flags=re.M)) == 8
+    assert len(re.findall(r"^step \d+: loss", text, flags=re.MULTILINE)) == 8
 
     plots = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(plots) == 1  # the consistency and margin histograms, one figure
@@ -112,8 +112,9 @@ def test_ipynb_is_the_jupytext_rendering_of_the_py():
     """Edit the .py, then regenerate: ``jupytext --to ipynb notebooks/quickstart.py``."""
     regenerated = jupytext.reads(NB_PY.read_text(), fmt="py:percent")
     committed = nbformat.read(NB_IPYNB, as_version=4)
-    cells = lambda nb: [(c.cell_type, c.source) for c in nb.cells]  # noqa: E731
-    assert cells(committed) == cells(regenerated)
+    assert [(c.cell_type, c.source) for c in committed.cells] == [
+        (c.cell_type, c.source) for c in regenerated.cells
+    ]
     for cell in committed.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, "outputs must be stripped"
