@@ -25,10 +25,11 @@ NB_PY = ROOT / "notebooks" / "quickstart.py"
 NB_IPYNB = ROOT / "notebooks" / "quickstart.ipynb"
 
 
-def kernel_env() -> dict:
-    # One device (no XLA_FLAGS), and the kernel's own inline plots (no MPLBACKEND).
+def kernel_env(tmp: Path) -> dict:
+    # One device (no XLA_FLAGS), the kernel's own inline plots (no MPLBACKEND), and the notebook's
+    # temporary run directory inside the test's tmp_path (TMPDIR).
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MPLBACKEND")}
-    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", CREAM_JAX_NO_PROGRESS="1",
+    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", CREAM_JAX_NO_PROGRESS="1", TMPDIR=str(tmp),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
     return env
 
@@ -36,7 +37,7 @@ def kernel_env() -> dict:
 def execute(nb: nbformat.NotebookNode, cwd: Path) -> nbformat.NotebookNode:
     """Runs every cell (raises nbclient's CellExecutionError on the first failing one)."""
     client = NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(cwd)}})
-    client.execute(env=kernel_env())
+    client.execute(env=kernel_env(cwd))
     return nb
 
 
