@@ -1,5 +1,8 @@
 """Run configuration: frozen dataclasses the library takes, and gin at the edge.
 
+The dataclass defaults are the embedded default run (configs/tiny_cpu.gin spells them out; a test
+keeps the two equal), so a run needs no gin file at all.
+
 Library code receives the dataclasses below and never imports gin. The CLI (``cream_jax.train``,
 ``cream_jax.sweep``) calls :func:`parse_gin` which registers every section with gin under a short
 name, so a ``.gin`` file or ``--gin_param`` binds fields as ``DPO.beta = 0.05`` or
@@ -49,7 +52,7 @@ class DataConfig:
     sft_path: str | None = None
     prompt_paths: tuple[str, ...] = ()  # one file per iteration
     eval_paths: tuple[str, ...] = ()
-    max_prompt_len: int = 64
+    max_prompt_len: int = 80  # the longest embedded prompt is 65 tokens
     on_overflow: str = "truncate"  # "truncate" (keep the end, counted) | "error"
     on_bad_row: str = "raise"  # "raise" | "skip" (skipped rows are counted)
     prompts_per_iteration: int = 0  # 0: the whole per-iteration split
@@ -81,7 +84,7 @@ class PretrainConfig:
 @dataclass(frozen=True)
 class SFTConfig:
     epochs: int = 3
-    max_len: int = 128
+    max_len: int = 96
     optim: OptimConfig = OptimConfig(learning_rate=1e-3, batch_size=32)
 
 
@@ -91,7 +94,7 @@ class SamplingConfig:
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 0
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     batch_size: int = 64  # prompts per generate call
 
 
@@ -125,7 +128,7 @@ class DPOConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     batch_size: int = 128
     num_per_task: int = 0  # 0: every test item
     num_logged_samples: int = 4
@@ -143,7 +146,7 @@ class RunConfig:
     method: str = "cream"
     iterations: int = 2
     seed: int = 0
-    checkpoint_every: int = 50  # train steps between mid-phase checkpoints
+    checkpoint_every: int = 100  # train steps between mid-phase checkpoints
     keep_models_resident: bool = True  # False: M_{t-1}, M0 come from disk just for scoring
     export_hf: bool = False  # save_hf_llama of every iteration's model
     nan_policy: str = "stop"  # "stop": keep the last good checkpoint and exit non-zero
@@ -260,7 +263,7 @@ def _run_fields(
     method: str = "cream",
     iterations: int = 2,
     seed: int = 0,
-    checkpoint_every: int = 50,
+    checkpoint_every: int = 100,
     keep_models_resident: bool = True,
     export_hf: bool = False,
     nan_policy: str = "stop",

@@ -84,3 +84,11 @@ def test_sweep_dry_run_prints_one_command_per_point(capsys):
     assert sweep.main(["--dry_run", "--sweep", "DPO.beta=[0.05,0.1]", "--root", "/tmp/x"]) == 0
     out = capsys.readouterr().out
     assert out.count("cream_jax.train") == 2 and "DPO.beta = 0.05" in out
+
+
+def test_dataclass_defaults_are_the_embedded_default_gin():
+    """A wheel ships no configs/: the defaults must be the run configs/tiny_cpu.gin describes."""
+    import pathlib
+
+    tiny = pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.gin"
+    assert build(files=[str(tiny)]) == build()
