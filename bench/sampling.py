@@ -202,11 +202,11 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--num_samples", type=int, default=4)
     p.add_argument("--prompt_len", type=int, default=32)
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--hf_repeats", type=int, default=1)
     args = p.parse_args()
     if args.quick:

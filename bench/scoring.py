@@ -96,11 +96,11 @@ def bench_size(size, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1m only, fewer repeats")
-    p.add_argument("--sizes", default="1m,10m,25m")
+    p.add_argument("--sizes", default="1m,10m", help="any of 1m, 10m, 25m")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--hf_repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hf_repeats", type=int, default=2)
     args = p.parse_args()
     if args.quick:
         args.sizes, args.repeats, args.hf_repeats = "1m", 3, 2
