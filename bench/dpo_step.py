@@ -16,6 +16,8 @@ Reference log-probs are precomputed on each side from the reference model (TRL:
 * TRL 1.16: the real ``DPOTrainer.train()`` loop (fused LM head, fused AdamW, its metrics), driven with
   pre-tokenized pairs (a subclass skips only its text tokenization) and sequential batches, with
   ``bf16=False`` and ``gradient_checkpointing=False`` (TRL's defaults are bf16 autocast and remat).
+  Unless ``--threads`` fixes both sides, torch runs with its faster thread count (1 or all cores, picked
+  by a short forward + backward): on this shared machine 2 OpenMP threads were up to 7x slower than 1.
   TRL has no per-pair soft label, so the consistency-weighted loss is checked against the formula
   evaluated in PyTorch on the transformers model's own log-probs, and its throughput is compared
   with TRL's plain DPO step (the per-pair weight is O(B) work).
@@ -51,7 +53,8 @@ def _parse_args():
     p.add_argument("--batch", type=int, default=8, help="pairs per step")
     p.add_argument("--length", type=int, default=128, help="tokens per row (prompt + response)")
     p.add_argument("--steps", type=int, default=6, help="train steps per side (the first one is excluded from timing)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for XLA and torch (0: each library's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for both XLA and torch (0: XLA's default, torch's faster of 1 and all cores)")
     args = p.parse_args()
     if args.quick:
         args.sizes, args.trl_sizes, args.steps = "128", "128", 4
@@ -72,7 +75,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.sampling import make_model, matmul_peak, n_params  # noqa: E402
+from bench.sampling import fastest_torch_threads, make_model, matmul_peak, n_params  # noqa: E402
 from cream_jax import scoring, sharding, steps  # noqa: E402
 from cream_jax.config import OptimConfig  # noqa: E402
 from cream_jax.data import tokenizer as tiny_tokenizer  # noqa: E402
@@ -208,6 +211,12 @@ def train_trl(policy_dir: str, ref_dir: str, data: dict, args, workdir: str) -> 
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    else:  # torch's faster setting, 1 thread or all cores, on a forward + backward of a throw-away copy
+        probe = transformers.LlamaForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+        ids = torch.tensor(np.concatenate([data["chosen_ids"][: args.batch], data["rejected_ids"][: args.batch]]),
+                           dtype=torch.long)
+        fastest_torch_threads(lambda: probe(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward())
+        del probe
     hf = transformers.LlamaForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     hf_ref = transformers.LlamaForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
     tokenizer = load_tokenizer(tiny_tokenizer.EMBEDDED_TOKENIZER_DIR)
@@ -315,8 +324,8 @@ def main(args):
           f"{len(tokenizer)}, head dim 64, float32; {args.steps} steps per side, median step after the first")
     trl_row = next((r for r in rows if "trl" in r), None)
     if trl_row is not None:
-        print(f"TRL {__import__('trl').__version__}: DPOTrainer.train(), optimizer {trl_row['trl_opt']}, "
-              f"torch threads {trl_row['trl_threads']}")
+        print(f"TRL {__import__('trl').__version__}: DPOTrainer.train(), optimizer {trl_row['trl_opt']}, torch threads "
+              f"{', '.join(str(r['trl_threads']) for r in rows if 'trl' in r)} (per size)")
     print("loss1 = first-batch loss (must agree within 1e-4); loss2 = second batch, after one AdamW update; "
           "cw = consistency-weighted DPO (ours vs the formula in PyTorch on transformers' log-probs)")
     print(f"{'d':>4} {'params':>7} {'ours tok/s':>10} {'cw tok/s':>9} {'TRL tok/s':>9} {'ratio':>6} "
