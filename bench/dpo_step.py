@@ -304,7 +304,8 @@ def bench_size(d_model: int, args, with_trl: bool, tokenizer) -> dict:
                        cw_ref=trl["cw_loss"], trl_opt=trl["optimizer"], trl_threads=trl["threads"])
     flops = model_flops(cfg, 2 * args.batch, args.length)
     mfu = sorted(flops / dt / 1e9 / p for dt, p in zip(dpo["seconds"] + cw["seconds"], dpo["peaks"] + cw["peaks"]))
-    row.update(ours=row["tokens"] / float(np.median(dpo["seconds"])), cw=row["tokens"] / float(np.median(cw["seconds"])),
+    row.update(ours=row["tokens"] / float(np.median(dpo["seconds"])),
+               cw=row["tokens"] / float(np.median(cw["seconds"])),
                loss=dpo["losses"][:2], cw_loss=cw["losses"][0], compile=dpo["compile"],
                gflops=flops / min(dpo["seconds"] + cw["seconds"]) / 1e9, mfu=mfu[len(mfu) // 2],
                peak=max(dpo["peaks"] + cw["peaks"]))

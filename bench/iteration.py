@@ -1,6 +1,6 @@
 """Wall time of one CREAM iteration by phase, XLA compilations after the first, and cost growth in N and pool size.
 
-Usage: ``PYTHONPATH=. python bench/iteration.py [--quick] [--pretrain_steps 100] [--sft_epochs 0]
+Usage: ``PYTHONPATH=. python bench/iteration.py [--quick] [--pretrain_steps 50] [--sft_epochs 0]
 [--iterations 3] [--ns 2,4,8,16] [--pools 64,128,256,512] [--n_sweep_pool 64] [--pool_sweep_n 4]``
 
 ``--quick``: 10 pre-training steps, 1 SFT epoch, 2 iterations of 64 prompts (32 test items per task),
@@ -51,7 +51,9 @@ PHASES = ("sample", "score M_t", "score M_t-1", "score M0", "reward", "consisten
 
 
 class PhaseClock:
-    """Timing wrappers around the scoring and consistency calls of ``train.curate_iteration``."""
+    """Clock-only wrappers around the trainer's stages: ``setup`` (to see the run's resident models),
+    ``curate_iteration`` (the current t), ``train_on_arrays`` (pre-training / SFT seconds), and the
+    scoring and consistency calls inside ``curate_iteration``."""
 
     def __init__(self):
         self.run = None
@@ -146,10 +148,11 @@ def slope(x: list[float], y: list[float]) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="short pre-training, 2 iterations, smaller sweeps")
-    p.add_argument("--pretrain_steps", type=int, default=100)
+    p.add_argument("--pretrain_steps", type=int, default=50)
     p.add_argument("--sft_epochs", type=int, default=0, help="0: as configured (3)")
     p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--base_pool", type=int, default=0, help="prompts per iteration of the base run (0: as configured, 256)")
+    p.add_argument("--base_pool", type=int, default=0,
+                   help="prompts per iteration of the base run (0: as configured, 256)")
     p.add_argument("--ns", default="2,4,8,16", help="responses per prompt for the N sweep")
     p.add_argument("--pools", default="64,128,256,512", help="prompts per iteration for the pool sweep")
     p.add_argument("--n_sweep_pool", type=int, default=64, help="prompts per iteration during the N sweep")
@@ -211,9 +214,10 @@ def main():
     print(f"devices: {jax.devices()[0].device_kind} x{len(jax.devices())}, cores: {os.cpu_count()}, "
           f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
     print(f"embedded default (configs/tiny_cpu.gin), CREAM: LLaMA d={m.hidden_size} L={m.num_hidden_layers} "
-          f"F={m.intermediate_size}, pre-training reduced to {args.pretrain_steps} steps ({stages['pretrain']:.0f} s), SFT "
-          f"{base_cfg.sft.epochs} epochs ({stages['sft']:.0f} s); N={base_cfg.sampling.num_samples}, {base_prompts} "
-          f"prompts/iteration, {base_cfg.sampling.max_new_tokens} new tokens; whole run {base_wall:.0f} s")
+          f"F={m.intermediate_size}, pre-training reduced to {args.pretrain_steps} steps ({stages['pretrain']:.0f} s), "
+          f"SFT {base_cfg.sft.epochs} epochs ({stages['sft']:.0f} s); N={base_cfg.sampling.num_samples}, "
+          f"{base_prompts} prompts/iteration, {base_cfg.sampling.max_new_tokens} new tokens; "
+          f"whole run {base_wall:.0f} s")
     print("seconds per phase (score M_t-1 at t = 1: the M0 forward serves as M_{t-1}'s ranking)")
     cols = PHASES + ("total",)
     print(f"{'t':>2} " + " ".join(f"{c:>11}" for c in cols) + f" {'compiles':>8} {'pairs':>5}")
