@@ -1,0 +1,301 @@
+"""The miniature CREAM table: every method on the embedded suite, several seeds, one command.
+
+    python experiments/paper_table.py                # 7 configurations x 3 seeds x 3 iterations
+    python experiments/paper_table.py --quick        # a 2-minute smoke version of the same pipeline
+
+Each run is the real trainer (``python -m cream_jax.train``) with the embedded default
+(``configs/tiny_cpu.gin``) plus the method's config file and ``Run.iterations = 3``; nothing else
+is changed per method (the hyper-parameters are fixed in METHOD_CONFIGS below, before any test
+accuracy was looked at). The seed (``Run.seed``) changes the model's initialisation, the data order
+and every sampling key; the data (suite, test sets) stay the same across seeds.
+
+M0 (pre-training) and M1 (SFT) do not depend on the method except that SRLM's M1 also learns to judge
+(SFT on IFT + EFT, METHODS 3.1). So per seed the CREAM (dyn) run trains M0 and M1, and the other runs
+start from copies of its ``models/m0`` (and ``models/m1``, not for SRLM): the trainer finds them in
+its model store and skips those stages, exactly as it does when it resumes. "SFT" in the table is M1.
+
+Runs go to ``--root`` (one workdir each; an interrupted invocation resumes: finished runs are skipped,
+unfinished ones resume from their checkpoints). ``--jobs`` runs go in parallel (the tiny model
+does not keep 2 cores busy on its own). The aggregate goes to ``--out``: summary.json (every number),
+table.md (mean +- 95% CI over seeds) and accuracy.png. docs/results.md discusses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import json
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+BASE = "CREAM (dyn)"
+
+# name -> (gin files after configs/tiny_cpu.gin, extra bindings). Fixed before any result was seen.
+METHOD_CONFIGS: dict[str, tuple[list[str], list[str]]] = {
+    BASE: (["configs/cream.gin"], []),
+    "CREAM (avg)": (["configs/cream.gin"], ["Reward.consistency_level = 'avg'"]),
+    "SRLM": (["configs/srlm.gin"], []),
+    "SeRA": (["configs/sera.gin"], []),
+    "SCIR": (["configs/scir.gin"], []),
+    "Oracle DPO": (["configs/dpo_oracle.gin"], []),
+}
+ROW_ORDER = ["SFT", "SRLM", BASE, "CREAM (avg)", "SeRA", "SCIR", "Oracle DPO"]
+QUICK_BINDINGS = ["Pretrain.steps = 20", "SFT.epochs = 1", "Data.prompts_per_iteration = 32", "Eval.num_per_task = 32"]
+
+
+@dataclasses.dataclass
+class Job:
+    method: str
+    seed: int
+    workdir: Path
+    cmd: list[str]
+    copy_from: Path | None = None  # the base run whose M0 (and M1) this run starts from
+    copy_models: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} seed {self.seed}"
+
+
+def slug(method: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in method.lower()).strip("_").replace("__", "_")
+
+
+def make_jobs(seeds: list[int], iterations: int, root: Path, extra: list[str]) -> list[Job]:
+    jobs = []
+    for seed in seeds:
+        base_dir = root / f"seed{seed}" / slug(BASE)
+        for method, (files, bindings) in METHOD_CONFIGS.items():
+            workdir = root / f"seed{seed}" / slug(method)
+            cmd = [sys.executable, "-m", "cream_jax.train", "--workdir", str(workdir),
+                   "--gin_file", str(REPO / "configs" / "tiny_cpu.gin")]
+            for f in files:
+                cmd += ["--gin_file", str(REPO / f)]
+            for b in [f"Run.seed = {seed}", f"Run.iterations = {iterations}", *bindings, *extra]:
+                cmd += ["--gin_param", b]
+            if method == BASE:
+                jobs.append(Job(method, seed, workdir, cmd))
+            else:
+                models = ("m0",) if method == "SRLM" else ("m0", "m1")
+                jobs.append(Job(method, seed, workdir, cmd, copy_from=base_dir, copy_models=models))
+    return jobs
+
+
+def finished(workdir: Path, iterations: int) -> bool:
+    path = workdir / "results.json"
+    if not path.exists():
+        return False
+    rows = json.loads(path.read_text()).get("iterations", [])
+    return sum(r.get("iteration", 0) >= 1 for r in rows) >= iterations
+
+
+def run_job(job: Job) -> tuple[Job, int, float]:
+    job.workdir.mkdir(parents=True, exist_ok=True)
+    for name in job.copy_models:  # only before the run's first start; a resumed run has its own
+        src, dst = job.copy_from / "models" / name, job.workdir / "models" / name
+        if not dst.exists():
+            tmp = dst.with_name(name + ".copying")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            tmp.rename(dst)  # atomic: the store never sees half a model
+    tic = time.perf_counter()
+    with open(job.workdir / "train.log", "a") as log:
+        log.write(f"$ {shlex.join(job.cmd)}\n")
+        log.flush()
+        rc = subprocess.call(job.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return job, rc, time.perf_counter() - tic
+
+
+def run_all(jobs: list[Job], iterations: int, parallel: int) -> list[str]:
+    """Runs the jobs, a method's run only after its seed's base run; returns failures."""
+    todo = [j for j in jobs if not finished(j.workdir, iterations)]
+    done_bases = {j.seed for j in jobs if j.method == BASE and j not in todo}
+    failures: list[str] = []
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished; {len(todo)} to run, {parallel} at a time", flush=True)
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(parallel) as pool:
+        running: set[cf.Future] = set()
+        while todo or running:
+            ready = [j for j in todo if j.method == BASE or j.seed in done_bases]
+            ready.sort(key=lambda j: (j.method != BASE, j.seed))  # bases first: they unlock the rest
+            for job in ready[: parallel - len(running)]:
+                todo.remove(job)
+                print(f"[{time.perf_counter() - t0:7.0f}s] start  {job.name}  (log: {job.workdir / 'train.log'})", flush=True)
+                running.add(pool.submit(run_job, job))
+            if not running:  # a base run failed: its seed's other runs cannot start
+                failures += [f"{j.name}: base run failed" for j in todo]
+                break
+            finished_now, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in finished_now:
+                job, rc, seconds = fut.result()
+                status = "done" if rc == 0 else f"FAILED (exit {rc})"
+                print(f"[{time.perf_counter() - t0:7.0f}s] {status:6s} {job.name} in {seconds:.0f}s", flush=True)
+                if rc:
+                    failures.append(f"{job.name}: exit {rc}, see {job.workdir / 'train.log'}")
+                    if job.method == BASE:
+                        todo = [j for j in todo if j.seed != job.seed]
+                        failures += [f"{BASE} seed {job.seed} failed: its seed's other runs were skipped"]
+                elif job.method == BASE:
+                    done_bases.add(job.seed)
+    return failures
+
+
+# ------------------------------------------------------------------------------------------
+# Aggregation.
+
+
+def t_quantile(n: int) -> float:
+    from scipy import stats  # noqa: PLC0415 — only the aggregation needs it (test extra)
+
+    return float(stats.t.ppf(0.975, n - 1))
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% Student-t interval over seeds (None for one seed)."""
+    x = np.asarray([v for v in values if v is not None], float)
+    if len(x) == 0:
+        return float("nan"), None
+    if len(x) == 1:
+        return float(x[0]), None
+    return float(x.mean()), t_quantile(len(x)) * float(x.std(ddof=1)) / math.sqrt(len(x))
+
+
+def collect(jobs: list[Job]) -> dict:
+    """method -> iteration -> per-seed rows (SFT = the base runs' iteration 0)."""
+    table: dict[str, dict[int, list[dict]]] = {}
+    for job in jobs:
+        path = job.workdir / "results.json"
+        if not path.exists():
+            continue
+        for row in json.loads(path.read_text())["iterations"]:
+            t = row["iteration"]
+            if t == 0 and job.method not in (BASE, "SRLM"):
+                continue  # the same M1 as the base run's
+            method = "SFT" if (t == 0 and job.method == BASE) else job.method
+            table.setdefault(method, {}).setdefault(t, []).append({"seed": job.seed, **row})
+    return table
+
+
+def summarize(table: dict) -> list[dict]:
+    out = []
+    for method in ROW_ORDER:
+        for t, rows in sorted(table.get(method, {}).items()):
+            tasks = sorted(rows[0]["accuracy"])
+            acc = {task: mean_ci([r["accuracy"][task] for r in rows]) for task in tasks}
+            acc["mean"] = mean_ci([float(np.mean([r["accuracy"][k] for k in tasks])) for r in rows])
+            cons = [r["consistency"] for r in rows if r.get("consistency") and r["consistency"].get("mean") is not None]
+            out.append({
+                "method": method + (" (M1: IFT+EFT)" if method == "SRLM" and t == 0 else ""),
+                "iteration": t, "model": rows[0]["model"], "seeds": [r["seed"] for r in rows],
+                "accuracy": acc,
+                "reward_accuracy": mean_ci([r.get("reward_accuracy") for r in rows]) if t else None,
+                "consistency_mean": mean_ci([c["mean"] for c in cons]) if cons else None,
+                "consistency_std": float(np.mean([c["std"] for c in cons])) if cons else None,
+                "pairs_kept": mean_ci([r.get("pairs_kept") for r in rows]) if t else None,
+                "seconds": float(np.mean([r.get("seconds", {}).get("total", r.get("seconds", {}).get("eval", 0.0)) for r in rows])),
+                "per_seed": rows,
+            })
+    return out
+
+
+def _pm(mc: tuple[float, float | None] | None, scale: float = 100.0, digits: int = 1) -> str:
+    if mc is None or mc[0] is None or (isinstance(mc[0], float) and math.isnan(mc[0])):
+        return "-"
+    mean, half = mc
+    return f"{mean * scale:.{digits}f}" + (f" ± {half * scale:.{digits}f}" if half is not None else "")
+
+
+def markdown(summary: list[dict]) -> str:
+    tasks = [k for k in summary[0]["accuracy"] if k != "mean"] if summary else []
+    head = (["method", "model"] + [f"{t} acc %" for t in tasks]
+            + ["mean acc %", "reward acc %", "consistency (mean ± std)", "pairs kept", "seeds"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cons = "-" if s["consistency_mean"] is None else f"{s['consistency_mean'][0]:.3f} ± {s['consistency_std']:.3f}"
+        cells = ([s["method"], s["model"]] + [_pm(s["accuracy"][t]) for t in tasks] + [_pm(s["accuracy"]["mean"])]
+                 + [_pm(s["reward_accuracy"]), cons, _pm(s["pairs_kept"], scale=1.0, digits=0), str(len(s["seeds"]))])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    tasks = [k for k in summary[0]["accuracy"] if k != "mean"]
+    sft = [s for s in summary if s["method"] == "SFT"]
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(5 * (len(tasks) + 1), 4))
+    methods = [m for m in ROW_ORDER if m != "SFT"]
+    for ax, task in zip(axes, tasks, strict=False):
+        for i, method in enumerate(methods):
+            rows = sft + [s for s in summary if s["method"] == method]
+            xs = [s["iteration"] + (i - len(methods) / 2) * 0.03 for s in rows]
+            ys = [100 * s["accuracy"][task][0] for s in rows]
+            err = [100 * (s["accuracy"][task][1] or 0.0) for s in rows]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
+        ax.set_title(f"{task}: test accuracy (mean ± 95% CI)")
+        ax.set_xlabel("iteration t (0 = M1 after SFT)")
+        ax.set_ylabel("%")
+    ax = axes[-1]
+    for method in methods:
+        rows = [s for s in summary if s["method"] == method and s["consistency_mean"] is not None]
+        if rows:
+            ax.errorbar([s["iteration"] for s in rows], [s["consistency_mean"][0] for s in rows],
+                        yerr=[s["consistency_mean"][1] or 0.0 for s in rows], marker="o", capsize=3, label=method)
+    ax.set_title("consistency rate C (mean over prompts)")
+    ax.set_xlabel("iteration t")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--root", default="runs/paper_table", help="parent of the runs' workdirs")
+    parser.add_argument("--out", default="experiments/results", help="summary.json, table.md, accuracy.png")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke version: " + "; ".join(QUICK_BINDINGS))
+    parser.add_argument("--gin_param", action="append", default=[], help="extra binding for every run")
+    parser.add_argument("--aggregate_only", action="store_true", help="only rebuild the outputs from finished runs")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    extra = (QUICK_BINDINGS if args.quick else []) + args.gin_param
+    root, out = Path(args.root), Path(args.out)
+    jobs = make_jobs(seeds, args.iterations, root, extra)
+    tic = time.perf_counter()
+    failures = [] if args.aggregate_only else run_all(jobs, args.iterations, args.jobs)
+    wall = time.perf_counter() - tic
+    summary = summarize(collect(jobs))
+    if not summary:
+        print("error: no finished run to aggregate under " + str(root), file=sys.stderr)
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"seeds": seeds, "iterations": args.iterations, "extra_bindings": extra, "wall_seconds": None if args.aggregate_only else wall,
+            "methods": {m: {"gin_files": ["configs/tiny_cpu.gin", *f], "bindings": b} for m, (f, b) in METHOD_CONFIGS.items()}}
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": summary}, indent=1, default=float))
+    (out / "table.md").write_text(markdown(summary))
+    plot(summary, out / "accuracy.png")
+    print(markdown(summary))
+    if not args.aggregate_only:
+        print(f"wall time {wall / 60:.1f} min for {len(jobs)} runs ({args.jobs} in parallel); outputs in {out}")
+    for f in failures:
+        print("failed: " + f, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
