@@ -1,0 +1,89 @@
+"""experiments/paper_table.py: scheduling (bases first, failures isolated, resume) and aggregation."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("paper_table", REPO / "experiments" / "paper_table.py")
+paper_table = importlib.util.module_from_spec(_spec)
+sys.modules["paper_table"] = paper_table  # dataclasses look their module up there
+_spec.loader.exec_module(paper_table)
+
+
+def _row(t, arith, choice, cons=None, pairs=None, reward=None):
+    return {"iteration": t, "model": f"M{t + 1}", "accuracy": {"arith": arith, "choice": choice},
+            "reward_accuracy": reward, "consistency": None if cons is None else {"mean": cons, "std": 0.1},
+            "pairs_kept": pairs, "seconds": {"total": 1.0}}
+
+
+def _fake_cmd(workdir: Path, rows: list | None, exit_code: int = 0) -> list[str]:
+    """A stand-in for the trainer: writes results.json (and models/m0, m1 like a base run) or fails."""
+    code = (
+        "import json, pathlib, sys; w = pathlib.Path(sys.argv[1]); "
+        "[(w / 'models' / m).mkdir(parents=True, exist_ok=True) for m in ('m0', 'm1')]; "
+        "rows = json.loads(sys.argv[2]); "
+        "rows is None or (w / 'results.json').write_text(json.dumps({'iterations': rows})); "
+        "sys.exit(int(sys.argv[3]))"
+    )
+    return [sys.executable, "-c", code, str(workdir), json.dumps(rows), str(exit_code)]
+
+
+def test_mean_ci_is_the_student_t_interval():
+    x = [0.2, 0.35, 0.3]
+    mean, half = paper_table.mean_ci(x)
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=stats.sem(x))
+    assert mean == pytest.approx(np.mean(x))
+    assert half == pytest.approx((hi - lo) / 2)
+    assert paper_table.mean_ci([0.4]) == (0.4, None)
+    assert paper_table.mean_ci([None, 0.5, None])[0] == 0.5
+
+
+def test_jobs_use_the_method_configs_and_share_m0_m1(tmp_path):
+    jobs = paper_table.make_jobs([0, 1], 3, tmp_path, ["Eval.num_per_task = 8"])
+    assert len(jobs) == 2 * len(paper_table.METHOD_CONFIGS)
+    by = {(j.method, j.seed): j for j in jobs}
+    avg = by["CREAM (avg)", 1]
+    assert str(REPO / "configs" / "cream.gin") in avg.cmd and "Reward.consistency_level = 'avg'" in avg.cmd
+    assert "Run.seed = 1" in avg.cmd and "Run.iterations = 3" in avg.cmd and "Eval.num_per_task = 8" in avg.cmd
+    assert avg.copy_from == by[paper_table.BASE, 1].workdir and avg.copy_models == ("m0", "m1")
+    assert by["SRLM", 0].copy_models == ("m0",)  # SRLM's M1 is SFT on IFT + EFT: its own
+    for (method, _), job in by.items():
+        files = [job.cmd[i + 1] for i, a in enumerate(job.cmd) if a == "--gin_file"]
+        assert files[0].endswith("configs/tiny_cpu.gin") and all(Path(f).exists() for f in files), method
+
+
+def test_scheduler_runs_bases_first_isolates_failures_and_resumes(tmp_path):
+    jobs = paper_table.make_jobs([0, 1], 1, tmp_path, [])
+    for job in jobs:
+        fail = job.seed == 1 and job.method == paper_table.BASE
+        rows = None if fail else [_row(0, 0.1, 0.3), _row(1, 0.2 + 0.1 * job.seed, 0.4, cons=0.6, pairs=10, reward=0.5)]
+        job.cmd = _fake_cmd(job.workdir, rows, exit_code=3 if fail else 0)
+    failures = paper_table.run_all(jobs, 1, parallel=2)
+    # seed 1's base failed: its method runs never started; seed 0 finished and got M0/M1 copies
+    assert any("CREAM (dyn) seed 1: exit 3" in f for f in failures)
+    assert not (tmp_path / "seed1" / "sera").exists()
+    assert (tmp_path / "seed0" / "sera" / "models" / "m1").is_dir()
+    assert all((j.workdir / "results.json").exists() for j in jobs if j.seed == 0)
+    # a second invocation skips what finished and retries the rest
+    for job in jobs:
+        if job.seed == 1 and job.method == paper_table.BASE:
+            job.cmd = _fake_cmd(job.workdir, [_row(0, 0.1, 0.3), _row(1, 0.3, 0.5, cons=0.7, pairs=12, reward=0.5)])
+    assert paper_table.run_all(jobs, 1, parallel=2) == []
+
+    summary = paper_table.summarize(paper_table.collect(jobs))
+    sft = [s for s in summary if s["method"] == "SFT"]
+    assert len(sft) == 1 and sft[0]["seeds"] == [0, 1]  # only the base runs' M1 rows
+    sera = next(s for s in summary if s["method"] == "SeRA" and s["iteration"] == 1)
+    assert sera["accuracy"]["arith"][0] == pytest.approx(0.25)  # seeds 0 and 1: 0.2 and 0.3
+    assert sera["accuracy"]["mean"][0] == pytest.approx(np.mean([(0.2 + 0.4) / 2, (0.3 + 0.4) / 2]))
+    assert any(s["method"].startswith("SRLM (M1") for s in summary)
+    table = paper_table.markdown(summary)
+    assert "| SeRA | M2 | 25.0 ± " in table
+    paper_table.plot(summary, tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").stat().st_size > 0
