@@ -23,40 +23,19 @@
 # never here; launch/README.md lists mesh shapes per node count.
 set -euo pipefail
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
-
-DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
-MODE="${1:-}"
-[[ -n "$MODE" ]] || usage
-shift
-if [[ "${1:-}" == "--" ]]; then shift; fi
-EXTRA_ARGS=("$@")
-
-need() {  # need VAR "what it is": a one-line error when VAR is unset or empty
-  if [[ -z "${!1:-}" ]]; then
-    echo "error: $1 is not set ($2); see the header of launch/gpu_multinode.sh" >&2
-    exit 2
-  fi
-}
-
-show() { printf '+'; printf ' %q' "$@"; printf '\n'; }
-
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 REMOTE_DIR="${REMOTE_DIR:-$REPO_ROOT}"
 VENV="${VENV:-$REMOTE_DIR/.venv}"
 PORT="${COORDINATOR_PORT:-61234}"
 need GIN_FILES "gin files relative to the checkout, e.g. 'configs/cream.gin configs/models/llama3_8b.gin'"
 need WORKDIR "a run directory at the same path on every host (shared file system)"
 
-train=(python -m cream_jax.train)
-IFS=', ' read -ra gin_files <<< "$GIN_FILES"
-for gin_file in "${gin_files[@]}"; do train+=(--gin_file "$gin_file"); done
-train+=(--workdir "$WORKDIR" "${EXTRA_ARGS[@]}")
+train_command
 # What every process runs, after its JAX_* variables are exported.
-body="cd $(printf '%q' "$REMOTE_DIR") && . $(printf '%q' "$VENV/bin/activate") && exec $(printf '%q ' "${train[@]}")"
+body="cd $(printf '%q' "$REMOTE_DIR") && . $(printf '%q' "$VENV/bin/activate") && exec $(printf '%q ' "${TRAIN[@]}")"
 
-case "$MODE" in
+case "$ACTION" in
   slurm)
     need SLURM_JOB_NODELIST "run inside an sbatch/salloc allocation"
     need SLURM_JOB_NUM_NODES "run inside an sbatch/salloc allocation"
@@ -67,7 +46,7 @@ case "$MODE" in
     task="export JAX_COORDINATOR_ADDRESS=$coordinator:$PORT JAX_NUM_PROCESSES=$nodes"
     task+=' JAX_PROCESS_ID=$SLURM_PROCID && '"$body"
     cmd=(srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$task")
-    if (( DRY_RUN )); then show "${cmd[@]}"; else "${cmd[@]}"; fi
+    run "${cmd[@]}"
     ;;
   ssh)
     need HOSTS "comma-separated host names, the first one is the coordinator"
@@ -79,7 +58,7 @@ case "$MODE" in
     for i in "${!hosts[@]}"; do
       task="export JAX_COORDINATOR_ADDRESS=$coordinator:$PORT JAX_NUM_PROCESSES=${#hosts[@]} JAX_PROCESS_ID=$i && $body"
       cmd=(ssh -o BatchMode=yes "${hosts[$i]}" "$task")
-      if (( DRY_RUN )); then show "${cmd[@]}"; else "${cmd[@]}" & pids+=("$!"); fi
+      if (( DRY_RUN )); then run "${cmd[@]}"; else "${cmd[@]}" & pids+=("$!"); fi
     done
     status=0
     for _ in "${pids[@]}"; do
@@ -95,7 +74,7 @@ case "$MODE" in
     exit "$status"
     ;;
   *)
-    echo "error: unknown mode '$MODE' (slurm | ssh)" >&2
+    echo "error: unknown mode '$ACTION' (slurm | ssh)" >&2
     usage
     ;;
 esac

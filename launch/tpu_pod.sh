@@ -28,32 +28,8 @@
 # the mesh spans all hosts' chips (see launch/README.md for mesh shapes per slice size).
 set -euo pipefail
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
-
-DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
-COMMAND="${1:-}"
-[[ -n "$COMMAND" ]] || usage
-shift
-if [[ "${1:-}" == "--" ]]; then shift; fi
-EXTRA_ARGS=("$@")
-
-need() {  # need VAR "what it is": a one-line error when VAR is unset or empty
-  if [[ -z "${!1:-}" ]]; then
-    echo "error: $1 is not set ($2); see the header of launch/tpu_pod.sh" >&2
-    exit 2
-  fi
-}
-
-run() {  # run CMD...: execute it, or with --dry-run print it shell-quoted
-  if (( DRY_RUN )); then
-    printf '+'; printf ' %q' "$@"; printf '\n'
-  else
-    "$@"
-  fi
-}
-
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 REMOTE_DIR="${REMOTE_DIR:-cream_jax}"
 need TPU_NAME "the TPU VM slice name"
 need ZONE "the slice's zone, e.g. us-central2-b"
@@ -64,7 +40,7 @@ on_all_workers() {  # on_all_workers "shell command": run it on every worker of 
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --worker=all --command="$1"
 }
 
-case "$COMMAND" in
+case "$ACTION" in
   create)
     need ACCELERATOR_TYPE "the slice type, e.g. v4-32"
     need RUNTIME_VERSION "the TPU VM software version, e.g. tpu-ubuntu2204-base"
@@ -88,17 +64,14 @@ case "$COMMAND" in
   run)
     need GIN_FILES "gin files relative to the checkout, e.g. 'configs/cream.gin configs/models/llama3_8b.gin'"
     need WORKDIR "a run directory at the same path on every worker (shared file system)"
-    train=(python -m cream_jax.train)
-    IFS=', ' read -ra gin_files <<< "$GIN_FILES"
-    for gin_file in "${gin_files[@]}"; do train+=(--gin_file "$gin_file"); done
-    train+=(--workdir "$WORKDIR" "${EXTRA_ARGS[@]}")
-    on_all_workers "cd $(printf '%q' "$REMOTE_DIR") && . .venv/bin/activate && $(printf '%q ' "${train[@]}")"
+    train_command
+    on_all_workers "cd $(printf '%q' "$REMOTE_DIR") && . .venv/bin/activate && $(printf '%q ' "${TRAIN[@]}")"
     ;;
   delete)
     run gcloud compute tpus tpu-vm delete "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --quiet
     ;;
   *)
-    echo "error: unknown command '$COMMAND' (create | setup | run | delete)" >&2
+    echo "error: unknown command '$ACTION' (create | setup | run | delete)" >&2
     usage
     ;;
 esac
