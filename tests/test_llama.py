@@ -199,10 +199,12 @@ def test_config_errors(change, message):
         LlamaConfig(**TINY_LLAMA, dtype="float16")
 
 
-def test_decode_step_with_shared_prompt_cache_equals_repeated_kv_cache():
+@pytest.mark.parametrize("variant", ["gqa", "tied_biases"])
+def test_decode_step_with_shared_prompt_cache_equals_repeated_kv_cache(variant):
     # R samples per prompt: the prompt cache kept once per prompt + a per-sample cache of new
-    # tokens must give the logits of a KVCache holding each prompt R times (GQA, left padding).
-    model, cfg = _tiny_model(seed=2)
+    # tokens must give the logits of a KVCache holding each prompt R times (GQA, left padding;
+    # biases exercise the concatenated qkv / gate-up weights of unstack_layers).
+    model, cfg = _tiny_model(seed=2, **VARIANTS[variant])
     R, P, steps = 3, 6, 4
     ids, mask = random_batch(2, P, cfg.vocab_size, seed=5, left_pad=True, min_len=2)
     new = np.random.default_rng(6).integers(3, cfg.vocab_size, size=(2 * R, steps)).astype(np.int32)
