@@ -1,12 +1,14 @@
 """Batched autoregressive sampling with a KV cache: one jitted prefill + ``lax.while_loop`` decode.
 
 Shape letters: B batch (prompts), R responses per prompt (``num_samples``), T prompt time,
-M new tokens (``max_new_tokens``), S = T + M cache slots, V vocab.
+M new tokens (``max_new_tokens``), V vocab.
 
-The prompt is prefilled once per prompt and its cache repeated R times (cheaper than repeating
-the prompts: the prefill is the longest forward of the call). The decode loop stops as soon as
-every row has produced an EOS. Sampling follows transformers' logits processors in the same
-order: temperature, then top-k, then top-p (nucleus); ``temperature=0`` is greedy (argmax).
+The prompts are prefilled once and their cache is shared by the R samples of each prompt
+(``Llama.decode_step``): only the generated tokens have a per-sample cache. The decode runs in
+static segments of ``_SEGMENT`` steps whose generated cache has exactly as many slots as the
+segment can fill, so attention never reads slots that are not written yet; every loop stops as
+soon as all rows have produced an EOS. Sampling follows transformers' logits processors in the
+same order: temperature, then top-k, then top-p (nucleus); ``temperature=0`` is greedy (argmax).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from flax import nnx
 # Number of times the generate kernel was traced (tests check that repeated calls do not retrace).
 TRACE_COUNTS: collections.Counter = collections.Counter()
 _KERNELS: dict[Any, Callable] = {}
+# Decode steps per segment (see _kernel): each segment is one compiled copy of the decode step.
+_SEGMENT = 16
 
 
 class _Static(NamedTuple):
@@ -88,8 +92,13 @@ def _next_token(logits_bv, key, temperature, top_p, s: _Static) -> jax.Array:
     return _sample(jnp.exp(logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True)), key)  # filtered -> 0
 
 
+def _segment_ends(max_new_tokens: int) -> list[int]:
+    """Exclusive last decode step of each decode segment (steps 1 .. M-1; step 0 comes from the prefill)."""
+    return list(range(1 + _SEGMENT, max_new_tokens, _SEGMENT)) + [max_new_tokens] if max_new_tokens > 1 else []
+
+
 def _kernel(graphdef: Any, s: _Static) -> Callable:
-    key_ = (graphdef, s)
+    key_ = (graphdef, s, _SEGMENT)
     if key_ in _KERNELS:
         return _KERNELS[key_]
 
@@ -101,37 +110,42 @@ def _kernel(graphdef: Any, s: _Static) -> Callable:
         R, M = s.num_samples, s.max_new_tokens
         eos = jnp.asarray(s.eos_ids, jnp.int32)
 
-        cache = model.init_cache(B, T + M)
-        h_btd, cache = model.hidden_states(prompt_ids, prompt_mask, cache=cache)
-        logits_bv = model.logits(h_btd[:, -1])  # prompts are left-padded: the last slot is real
-        # Prefill once, then give each of the R samples of a prompt its own copy of the cache.
-        rep = lambda x, axis: jnp.repeat(x, R, axis=axis)  # noqa: E731
-        cache = cache._replace(k=tuple(rep(k, 0) for k in cache.k), v=tuple(rep(v, 0) for v in cache.v),
-                               mask=rep(cache.mask, 0))
-        logits_bv = rep(logits_bv, 0)  # now [B*R, V]
+        prefix = model.init_cache(B, T)
+        h_btd, prefix = model.hidden_states(prompt_ids, prompt_mask, cache=prefix)
+        # Prompts are left-padded: the last slot is real. Each prompt's R samples share its cache.
+        logits_bv = jnp.repeat(model.logits(h_btd[:, -1]), R, axis=0)  # [B*R, V], row b*R + i
 
         tok_b = _next_token(logits_bv, jax.random.fold_in(key, 0), temperature, top_p, s)
         tokens_bm = jnp.full((B * R, M), s.pad_id, jnp.int32).at[:, 0].set(tok_b)
         mask_bm = jnp.zeros((B * R, M), jnp.int32).at[:, 0].set(1)
         done_b = jnp.any(tok_b[:, None] == eos, axis=-1)
 
-        def cond(carry):
-            step, _, _, _, _, done_b = carry
-            return (step < M) & ~jnp.all(done_b)
+        def cond(end):
+            return lambda carry: (carry[0] < end) & ~jnp.all(carry[-1])
 
         def body(carry):
-            step, cache, tok_b, tokens_bm, mask_bm, done_b = carry
-            h_b1d, cache = model.hidden_states(tok_b[:, None], jnp.ones_like(tok_b)[:, None], cache=cache)
-            new_b = _next_token(model.logits(h_b1d[:, 0]), jax.random.fold_in(key, step), temperature, top_p, s)
+            step, gen, tok_b, tokens_bm, mask_bm, done_b = carry
+            # Token `step - 1` goes into generated slot step - 1 and predicts token `step`.
+            h_bd, gen = model.decode_step(tok_b, prefix, gen, step - 1, layers)
+            new_b = _next_token(model.logits(h_bd), jax.random.fold_in(key, step), temperature, top_p, s)
             # Rows that already emitted EOS keep emitting pad with mask 0.
             new_b = jnp.where(done_b, s.pad_id, new_b)
             tokens_bm = jax.lax.dynamic_update_index_in_dim(tokens_bm, new_b, step, axis=1)
             mask_bm = jax.lax.dynamic_update_index_in_dim(mask_bm, (~done_b).astype(jnp.int32), step, axis=1)
             done_b = done_b | jnp.any(new_b[:, None] == eos, axis=-1)
-            return step + 1, cache, new_b, tokens_bm, mask_bm, done_b
+            return step + 1, gen, new_b, tokens_bm, mask_bm, done_b
 
-        carry = (jnp.int32(1), cache, tok_b, tokens_bm, mask_bm, done_b)
-        _, _, _, tokens_bm, mask_bm, _ = jax.lax.while_loop(cond, body, carry)
+        # Decode in segments: segment j runs steps up to ends[j] with a cache of exactly ends[j] - 1
+        # generated slots, so attention never reads slots that later segments will fill. The cache
+        # grows (one copy) between segments; all loops exit at once when every row has ended.
+        gen = model.init_gen_cache(B * R, 0)
+        layers = model.unstack_layers()  # weights sliced once, not every step
+        carry = (jnp.int32(1), gen, tok_b, tokens_bm, mask_bm, done_b)
+        for end in _segment_ends(M):
+            grow = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, end - 1 - x.shape[2]), (0, 0))) # noqa: E731
+            carry = carry[:1] + (jax.tree.map(grow, carry[1]),) + carry[2:]
+            carry = jax.lax.while_loop(cond(end), body, carry)
+        _, _, _, tokens_bm, mask_bm, _ = carry
         return tokens_bm.reshape(B, R, M), mask_bm.reshape(B, R, M)
 
     _KERNELS[key_] = run

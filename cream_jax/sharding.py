@@ -20,7 +20,7 @@ Logical names used by the code base:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -157,6 +157,17 @@ def shard_params(state: nnx.State, mesh: Mesh) -> nnx.State:
         shardings,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+
+
+def create_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """Builds ``make_module()``'s parameters directly on ``mesh`` (one jitted initialisation).
+
+    No device ever holds the whole model, and the random values are the same as an eager build's
+    (the initialisers draw the same bits under jit), so seeds keep their meaning.
+    """
+    graphdef, abstract = nnx.split(nnx.eval_shape(make_module))
+    init = jax.jit(lambda: nnx.split(make_module())[1], out_shardings=param_shardings(abstract, mesh))
+    return graphdef, init()
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

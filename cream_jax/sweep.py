@@ -61,7 +61,7 @@ def run_name(bindings: list[str]) -> str:
     return "__".join(parts) or "default"
 
 
-def _finished(workdir: Path, iterations_expected: int | None) -> bool:
+def finished(workdir: Path, iterations_expected: int | None) -> bool:
     path = workdir / "results.json"
     if not path.exists():
         return False
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i + 1}/{len(grid)}] {shlex.join(cmd)}", flush=True)
         if args.dry_run:
             continue
-        if _finished(workdir, None):
+        if finished(workdir, None):
             print(f"  already finished: {workdir}", flush=True)
             continue
         rc = subprocess.call(cmd)

@@ -172,11 +172,8 @@ def _tokenizer_and_model(cfg: RunConfig, mesh) -> tuple[Any, LlamaConfig, Llama]
             rope_theta=m.rope_theta, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id, dtype=m.dtype,
         )
-        model = Llama(mc, rngs=nnx.Rngs(cfg.seed))
-        _, params = nnx.split(model)
-        params = sharding.shard_params(params, mesh)
-        nnx.update(model, params)
-        return tok, mc, model
+        graphdef, params = sharding.create_sharded(lambda: Llama(mc, rngs=nnx.Rngs(cfg.seed)), mesh)
+        return tok, mc, nnx.merge(graphdef, params)
     model, mc = hf.load_hf_llama(cfg.model.source, dtype=jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32, mesh=mesh)
     tok = hf.load_tokenizer(cfg.model.tokenizer or cfg.model.source)
     return tok, mc, model
@@ -481,15 +478,17 @@ def curate_iteration(run: Run, t: int, policy: Any, key: jax.Array) -> tuple[dic
     if cfg.method == "scir":
         records.update(scir_judge_records(run, pool, texts, pairs, keep))
     timings["pairs"] = time.perf_counter() - tic
-    reward_acc = None
+    reward_acc, reward_acc_pairs = None, 0
     if oracle is not None:
-        reward_acc = float(rewards.reward_accuracy(jnp.asarray(r_now), jnp.asarray(oracle), pairs).accuracy)
+        agreement = rewards.reward_accuracy(jnp.asarray(r_now), jnp.asarray(oracle), pairs)
+        reward_acc = float(agreement.accuracy)
         reward_acc = None if math.isnan(reward_acc) else reward_acc  # no pair with a strict oracle preference
+        reward_acc_pairs = int(agreement.n_compared)
     c_defined = c[c_valid] if c_valid.any() else c
     stats = {
         "consistency": {"mean": float(np.mean(c_defined)), "std": float(np.std(c_defined)), "undefined": int((~c_valid).sum())},
         "pairs_kept": int(keep.sum()), "pairs_tied": n_tied, "prompts": b, "prompts_truncated": int(n_trunc),
-        "reward_accuracy": reward_acc, "judge_parse_failures": judge_failures, "seconds": timings,
+        "reward_accuracy": reward_acc, "reward_accuracy_pairs": reward_acc_pairs, "judge_parse_failures": judge_failures, "seconds": timings,
         "oracle_mean": None if oracle is None else float(oracle[valid].mean()),
         "samples": [{"prompt": pool[i]["messages"][-1]["content"], "responses": texts[i], "rewards": r_now[i].tolist(),
                      "chosen": int(pairs.chosen_idx[i]), "rejected": int(pairs.rejected_idx[i]), "kept": bool(keep[i])}
@@ -634,6 +633,7 @@ def _run_stages(run: Run, params0: Any) -> dict:
         seconds = {**stats["seconds"], "train": train_seconds, "eval": eval_seconds}
         seconds["total"] = curate_seconds + train_seconds + eval_seconds
         row = {"iteration": t, "model": f"M{t + 1}", "accuracy": acc, "reward_accuracy": stats["reward_accuracy"],
+               "reward_accuracy_pairs": stats["reward_accuracy_pairs"],
                "consistency": {"mean": stats["consistency"]["mean"], "std": stats["consistency"]["std"]},
                "pairs_kept": stats["pairs_kept"], "pairs_tied": stats["pairs_tied"], "seconds": seconds,
                "compiles": _COMPILES.count - compiles_before}

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cream_jax.sweep import finished
+
 REPO = Path(__file__).resolve().parent.parent
 BASE = "CREAM (dyn)"
 
@@ -88,14 +90,6 @@ def make_jobs(seeds: list[int], iterations: int, root: Path, extra: list[str]) -
                 models = ("m0",) if method == "SRLM" else ("m0", "m1")
                 jobs.append(Job(method, seed, workdir, cmd, copy_from=base_dir, copy_models=models))
     return jobs
-
-
-def finished(workdir: Path, iterations: int) -> bool:
-    path = workdir / "results.json"
-    if not path.exists():
-        return False
-    rows = json.loads(path.read_text()).get("iterations", [])
-    return sum(r.get("iteration", 0) >= 1 for r in rows) >= iterations
 
 
 def run_job(job: Job) -> tuple[Job, int, float]:
@@ -198,6 +192,9 @@ def summarize(table: dict) -> list[dict]:
                 "iteration": t, "model": rows[0]["model"], "seeds": [r["seed"] for r in rows],
                 "accuracy": acc,
                 "reward_accuracy": mean_ci([r.get("reward_accuracy") for r in rows]) if t else None,
+                # pairs the oracle orders strictly (the reward accuracy's denominator), absent in older runs
+                "reward_accuracy_pairs": (float(np.mean([r["reward_accuracy_pairs"] for r in rows]))
+                                          if t and all("reward_accuracy_pairs" in r for r in rows) else None),
                 "consistency_mean": mean_ci([c["mean"] for c in cons]) if cons else None,
                 "consistency_std": float(np.mean([c["std"] for c in cons])) if cons else None,
                 "pairs_kept": mean_ci([r.get("pairs_kept") for r in rows]) if t else None,
@@ -222,7 +219,7 @@ def markdown(summary: list[dict]) -> str:
     for s in summary:
         cons = "-" if s["consistency_mean"] is None else f"{s['consistency_mean'][0]:.3f} ± {s['consistency_std']:.3f}"
         cells = ([s["method"], s["model"]] + [_pm(s["accuracy"][t]) for t in tasks] + [_pm(s["accuracy"]["mean"])]
-                 + [_pm(s["reward_accuracy"]), cons, _pm(s["pairs_kept"], scale=1.0, digits=0), str(len(s["seeds"]))])
+                 + [_pm(s["reward_accuracy"]) + ("" if s.get("reward_accuracy_pairs") is None else f" (n {s['reward_accuracy_pairs']:.0f})"), cons, _pm(s["pairs_kept"], scale=1.0, digits=0), str(len(s["seeds"]))])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -197,3 +197,33 @@ def test_config_errors(change, message):
         LlamaConfig.from_hf(d)
     with pytest.raises(ValueError, match="dtype"):
         LlamaConfig(**TINY_LLAMA, dtype="float16")
+
+
+@pytest.mark.parametrize("variant", ["gqa", "tied_biases"])
+def test_decode_step_with_shared_prompt_cache_equals_repeated_kv_cache(variant):
+    # R samples per prompt: the prompt cache kept once per prompt + a per-sample cache of new
+    # tokens must give the logits of a KVCache holding each prompt R times (GQA, left padding;
+    # biases exercise the concatenated qkv / gate-up weights of unstack_layers).
+    model, cfg = _tiny_model(seed=2, **VARIANTS[variant])
+    R, P, steps = 3, 6, 4
+    ids, mask = random_batch(2, P, cfg.vocab_size, seed=5, left_pad=True, min_len=2)
+    new = np.random.default_rng(6).integers(3, cfg.vocab_size, size=(2 * R, steps)).astype(np.int32)
+    cache = model.init_cache(2 * R, P + steps)
+    _, cache = forward(model, np.repeat(ids, R, 0), np.repeat(mask, R, 0), cache)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def run(params, ids, mask, new):
+        m = nnx.merge(graphdef, params)
+        _, prefix = m.hidden_states(ids, mask, cache=m.init_cache(2, P))
+        gen, layers, out = m.init_gen_cache(2 * R, steps + 2), m.unstack_layers(), []  # spare slots: ignored
+        for t in range(steps):
+            h, gen = m.decode_step(new[:, t], prefix, gen, jnp.int32(t), layers)
+            out.append(m.logits(h))
+        return jnp.stack(out, 1)
+
+    got = np.asarray(run(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(new)))
+    ones = np.ones((2 * R, 1), np.int32)
+    for t in range(steps):
+        logits, cache = forward(model, new[:, t:t + 1], ones, cache)
+        np.testing.assert_allclose(got[:, t], np.asarray(logits)[:, 0], atol=TOL, rtol=TOL)

@@ -169,3 +169,49 @@ def test_bad_arguments(tiny):
         sampling.generate(model, ids, right, **kw)
     with pytest.raises(ValueError, match=r"must both be \[B,T\]"):
         sampling.generate(model, ids, mask[:, :3], **kw)
+
+
+def _reference_generate(model, ids, mask, key, num_samples, temperature, eos, pad_id):
+    """The unshared path: each prompt repeated R times in one KVCache of T + M slots, M decode calls.
+
+    Same random draws as ``generate`` (``fold_in(key, step)`` over the B*R rows), no early exit.
+    """
+    s = sampling._Static(num_samples, M, temperature == 0, 0, False, tuple(eos), pad_id)
+    ids_r, mask_r = np.repeat(ids, num_samples, 0), np.repeat(mask, num_samples, 0)
+    cache = model.init_cache(len(ids_r), ids.shape[1] + M)
+    logits, cache = forward(model, ids_r, mask_r, cache)
+    draw = lambda lg, step: sampling._next_token(lg, jax.random.fold_in(key, step), jnp.float32(max(temperature, 1e-6)),  # noqa: E731
+                                                 jnp.float32(1.0), s)
+    toks = [draw(logits[:, -1], 0)]
+    for step in range(1, M):
+        logits, cache = forward(model, np.asarray(toks[-1])[:, None], np.ones((len(ids_r), 1), np.int32), cache)
+        toks.append(draw(logits[:, 0], step))
+    toks = np.stack([np.asarray(t) for t in toks], 1)
+    ended = np.cumsum(np.isin(toks, eos), 1) - np.isin(toks, eos) > 0  # after the first EOS
+    return np.where(ended, pad_id, toks).reshape(len(ids), num_samples, M), (~ended).astype(np.int32)
+
+
+@pytest.mark.parametrize("segment", [4, 16])
+def test_shared_prompt_cache_and_segments_equal_unshared_decoding(tiny, monkeypatch, segment):
+    # Prompts of different lengths (left padding), 3 samples each, GQA, EOS ids some rows hit
+    # early; segment 4 splits the 11 decode steps into 3 segments, 16 keeps one.
+    _, model, cfg, ids, mask = tiny
+    monkeypatch.setattr(sampling, "_SEGMENT", segment)
+    key, eos = jax.random.key(21), (5, 9, 17, 40)
+    ref_tokens, ref_mask = _reference_generate(model, ids, mask, key, 3, 1.0, eos, pad_id=3)
+    tokens, out_mask = sampling.generate(model, ids, mask, key=key, num_samples=3, max_new_tokens=M,
+                                         temperature=1.0, eos_id=eos, pad_id=3)
+    np.testing.assert_array_equal(np.asarray(tokens), ref_tokens)
+    np.testing.assert_array_equal(np.asarray(out_mask).reshape(-1, M), ref_mask)
+    assert 0 < ref_mask.sum() < ref_mask.size  # some rows ended early, some did not
+
+
+def test_early_exit_when_every_row_ended(tiny, monkeypatch):
+    # Every token is an EOS: all rows end at step 0 and the decode loops run no step.
+    _, model, cfg, ids, mask = tiny
+    monkeypatch.setattr(sampling, "_SEGMENT", 4)
+    tokens, out_mask = sampling.generate(model, ids, mask, key=jax.random.key(0), num_samples=2, max_new_tokens=M,
+                                         temperature=1.0, eos_id=tuple(range(cfg.vocab_size)), pad_id=3)
+    np.testing.assert_array_equal(np.asarray(out_mask).sum(-1), 1)
+    assert (np.asarray(tokens)[..., 1:] == 3).all()
+    assert sampling._segment_ends(M) == [5, 9, M] and sampling._segment_ends(1) == []

@@ -82,3 +82,25 @@ def test_sharded_greedy_generate_equals_single_device(models):
     got_tok, got_mask = sampling.generate(sharded, batch["ids"], batch["mask"], **kw)
     np.testing.assert_array_equal(np.asarray(got_tok), np.asarray(ref_tok))
     np.testing.assert_array_equal(np.asarray(got_mask), np.asarray(ref_mask))
+
+
+def test_create_sharded_builds_the_eager_values_on_the_mesh():
+    from cream_jax.models.llama import Llama, LlamaConfig  # noqa: PLC0415
+
+    mc = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=32)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    _, eager = nnx.split(Llama(mc, rngs=nnx.Rngs(3)))
+    graphdef, state = sharding.create_sharded(lambda: Llama(mc, rngs=nnx.Rngs(3)), mesh)
+    expected = sharding.param_shardings(eager, mesh)
+    flat_eager, flat_state = nnx.to_flat_state(eager), nnx.to_flat_state(state)
+    assert [p for p, _ in flat_eager] == [p for p, _ in flat_state]
+    for (path, a), (_, b) in zip(flat_eager, flat_state, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+    leaves_expected = jax.tree.leaves(expected)
+    leaves_state = jax.tree.leaves(state)
+    assert len(leaves_expected) == len(leaves_state)
+    for want, got in zip(leaves_expected, leaves_state, strict=True):
+        assert got.sharding.is_equivalent_to(want, got.ndim)
+    assert any(not s.sharding.is_fully_replicated for s in leaves_state)  # the big matrices are split
+    assert isinstance(nnx.merge(graphdef, state), Llama)
