@@ -236,7 +236,8 @@ def plot(summary: list[dict], path: Path) -> None:
     methods = [m for m in ROW_ORDER if m != "SFT"]
     for ax, task in zip(axes, tasks, strict=False):
         for i, method in enumerate(methods):
-            rows = sft + [s for s in summary if s["method"] == method]
+            own_m1 = [s for s in summary if s["method"] == f"{method} (M1: IFT+EFT)"]  # SRLM's M1 is its own
+            rows = (own_m1 or sft) + [s for s in summary if s["method"] == method]
             xs = [s["iteration"] + (i - len(methods) / 2) * 0.03 for s in rows]
             ys = [100 * s["accuracy"][task][0] for s in rows]
             err = [100 * (s["accuracy"][task][1] or 0.0) for s in rows]
@@ -244,6 +245,7 @@ def plot(summary: list[dict], path: Path) -> None:
         ax.set_title(f"{task}: test accuracy (mean ± 95% CI)")
         ax.set_xlabel("iteration t (0 = M1 after SFT)")
         ax.set_ylabel("%")
+        ax.set_ylim(0, 100)
     ax = axes[-1]
     for method in methods:
         rows = [s for s in summary if s["method"] == method and s["consistency_mean"] is not None]
@@ -281,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no finished run to aggregate under " + str(root), file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"seeds": seeds, "iterations": args.iterations, "extra_bindings": extra, "wall_seconds": None if args.aggregate_only else wall,
+    if args.aggregate_only:  # keep the wall time of the invocation that ran the runs
+        previous = out / "summary.json"
+        wall = json.loads(previous.read_text())["meta"].get("wall_seconds") if previous.exists() else None
+    meta = {"seeds": seeds, "iterations": args.iterations, "extra_bindings": extra, "wall_seconds": wall,
             "methods": {m: {"gin_files": ["configs/tiny_cpu.gin", *f], "bindings": b} for m, (f, b) in METHOD_CONFIGS.items()}}
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": summary}, indent=1, default=float))
     (out / "table.md").write_text(markdown(summary))
