@@ -341,6 +341,10 @@ def pretrain_records(run: Run) -> dict:
 
 def sft_records(run: Run) -> dict:
     enc = pipeline.encode_sft(run.tokenizer, run.data.sft, run.cfg.sft.max_len, on_overflow="truncate")
+    lost = int((np.asarray(enc["loss_mask"]).sum(axis=1) == 0).sum())
+    if lost:  # e.g. SRLM's judge-training chats, whose rubric prompt alone can exceed SFT.max_len
+        log.warning("%d of %d SFT examples have no response token left within SFT.max_len=%d: they teach nothing",
+                    lost, len(run.data.sft), run.cfg.sft.max_len)
     return {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
 
 
@@ -517,6 +521,7 @@ def scir_judge_records(run: Run, pool: list, texts: list, pairs: Any, keep: np.n
         msgs = [(pool[i]["messages"][-1]["content"], texts[i][int(first[i])], texts[i][int(second[i])]) for i in idx]
         rendered = judge.render_pairwise_prompts(run.tokenizer, *zip(*msgs)) if msgs else []
         enc = curate.encode_texts_left_padded(run.tokenizer, rendered, max_len)
+        curate.warn_truncated(f"SCIR pairwise judge prompts ({name})", enc, max_len)
         out[f"{name}_ids"], out[f"{name}_mask"] = enc["input_ids"], enc["attention_mask"]
     return out
 
