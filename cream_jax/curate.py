@@ -161,18 +161,23 @@ def judge_scores(
     max_judgment_tokens: int,
     num_judgments: int,
     batch_size: int,
+    template: str = "additive",
     progress=None,
 ) -> tuple[np.ndarray, int]:
     """Scores ``[B, R]`` in [0, 5] by the model judging its own responses (NaN where unparsed).
 
     ``"sample"``: K sampled judgments parsed for "Score: k" and averaged. ``"expected"``: a greedy
     judgment, cut at its "Score:" (appended if missing), then one forward: sum_k k * p(k).
+    Prompts are padded to the longest one (rounded up to 64 tokens: few shapes to compile), at most
+    ``max_prompt_len``; longer ones lose their beginning, with a warning.
     Returns (scores, number of parse failures).
     """
     b, r = len(responses), len(responses[0])
     flat_instr = [instructions[i] for i in range(b) for _ in range(r)]
     flat_resp = [responses[i][j] for i in range(b) for j in range(r)]
-    prompts = judge.render_judge_prompts(tokenizer, flat_instr, flat_resp)
+    prompts = judge.render_judge_prompts(tokenizer, flat_instr, flat_resp, template)
+    longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
+    max_prompt_len = min(max_prompt_len, -(-longest // 64) * 64)
     enc = encode_texts_left_padded(tokenizer, prompts, max_prompt_len)
     warn_truncated("judge prompts", enc, max_prompt_len)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -192,7 +197,7 @@ def judge_scores(
         top_p=1.0, top_k=0, tokens=tokens, batch_size=batch_size, progress=progress,
     )
     judgments = [t[0] for t in decode_responses(tokenizer, gen_tok, gen_mask)]
-    forced, digit_ids, n_failed = judge.expected_score_prompts(tokenizer, flat_instr, flat_resp, judgments)
+    forced, digit_ids, n_failed = judge.expected_score_prompts(tokenizer, flat_instr, flat_resp, judgments, template)
     enc = encode_texts_left_padded(tokenizer, forced, max_prompt_len + max_judgment_tokens + 4)
     warn_truncated("judge prompts with their judgments", enc, max_prompt_len + max_judgment_tokens + 4)
     graphdef, state = nnx.split(model)

@@ -84,7 +84,8 @@ def load_task_data(cfg: RunConfig) -> TaskData:
         if cfg.method == "srlm":  # SRLM's M1 also learns to judge (METHODS 3.1: SFT on IFT + EFT)
             from cream_jax import judge  # noqa: PLC0415
 
-            sft += [judge.judge_messages(e["instruction"], e["response"]) + [{"role": "assistant", "content": e["justification"]}]
+            sft += [judge.judge_messages(e["instruction"], e["response"], cfg.reward.judge_template)
+                    + [{"role": "assistant", "content": e["justification"]}]
                     for e in suite.eft]
         pools = [[{"id": p["id"], "messages": p["messages"], "task": p["task"], "label": p["answer"]} for p in pool]
                  for pool in suite.pool]
@@ -455,6 +456,7 @@ def curate_iteration(run: Run, t: int, policy: Any, key: jax.Array) -> tuple[dic
             policy_model, run.tokenizer, [p["messages"][-1]["content"] for p in pool], texts,
             readout=cfg.reward.judge_readout, key=k_judge, tokens=run.tokens, max_prompt_len=4 * cfg.data.max_prompt_len + 256,
             max_judgment_tokens=48, num_judgments=cfg.reward.judge_samples, batch_size=s.batch_size,
+            template=cfg.reward.judge_template,
             progress=lambda it: metrics.progress(it, desc=f"iter {t}: judge"),
         )
         valid = valid & np.isfinite(r_now)

@@ -182,3 +182,14 @@ def test_curate_judge_scores_expected_matches_per_prompt_forward(tok, model, cap
     again, _ = curate.judge_scores(model, tok, instructions, responses, **kwargs)
     np.testing.assert_array_equal(again, scores)
     assert readout._cache_size() == before  # no new compilation for the same shapes
+
+
+def test_compact_template_fits_small_contexts_and_bad_names_fail(tok):
+    full = judge.render_judge_prompts(tok, ["What is 2+3?"], ["5"])[0]
+    compact = judge.render_judge_prompts(tok, ["What is 2+3?"], ["5"], template="compact")[0]
+    assert "User: What is 2+3?\n<response>5</response>" in compact and '"Score: <points>"' in compact
+    assert len(tok.encode(compact, add_special_tokens=False)) < len(tok.encode(full, add_special_tokens=False)) / 4
+    prompts, _, _ = judge.expected_score_prompts(tok, ["Q"], ["A"], ["Fine. Score: 3"], template="compact")
+    assert prompts[0].startswith(judge.render_judge_prompts(tok, ["Q"], ["A"], template="compact")[0])
+    with pytest.raises(ValueError, match="judge template 'short' is not one of 'additive', 'compact'"):
+        judge.judge_messages("q", "a", template="short")
