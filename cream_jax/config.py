@@ -107,6 +107,7 @@ class RewardConfig:
     consistency_level: str = "dyn"  # "dyn" (per prompt) | "avg" (set level)
     ties: str = "b"  # "b" (tau-b) | "ordinal" (official CREAM code)
     judge_readout: str = "expected"  # SRLM: "expected" | "sample"
+    judge_template: str = "additive"  # SRLM: "additive" (SRLM's rubric) | "compact" (short, for small contexts)
     judge_samples: int = 3
     sera_ratio: float = 0.5  # SeRA: fraction of pairs kept by implicit-reward margin
     sera_ensemble_weight: float = 1.0  # SeRA: w * r_t + (1 - w) * r_{t-1}
@@ -172,6 +173,7 @@ _CHOICES = {
     "reward.consistency_level": ("dyn", "avg"),
     "reward.ties": ("b", "ordinal"),
     "reward.judge_readout": ("expected", "sample"),
+    "reward.judge_template": ("additive", "compact"),
     "reward.scir_divergence": ("skl", "bce", "mse"),
     "dpo.loss_type": ("sigmoid", "ipo", "hinge", "simpo"),
     "model.dtype": ("float32", "bfloat16"),

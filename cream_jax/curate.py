@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from cream_jax import consistency, judge, preference, rewards
 from cream_jax.sampling import generate
 from cream_jax.scoring import sequence_logprobs
+
+log = logging.getLogger("cream_jax")
 
 
 @dataclasses.dataclass
@@ -46,14 +50,27 @@ class TokenSpec:
 
 
 def encode_texts_left_padded(tokenizer: Any, texts: Sequence[str], max_len: int) -> dict:
-    """Tokenizes already-rendered texts (no template), keeps the last ``max_len`` tokens, left-pads."""
+    """Tokenizes already-rendered texts (no template), keeps the last ``max_len`` tokens, left-pads.
+
+    Returns input_ids and attention_mask ``[B, max_len]`` and ``num_truncated``: texts that were cut.
+    """
     ids = np.full((len(texts), max_len), tokenizer.pad_token_id or 0, np.int32)
     mask = np.zeros((len(texts), max_len), np.int32)
+    num_truncated = 0
     for i, text in enumerate(texts):
-        toks = tokenizer.encode(text, add_special_tokens=False)[-max_len:]
+        toks = tokenizer.encode(text, add_special_tokens=False)
+        num_truncated += len(toks) > max_len
+        toks = toks[-max_len:]
         ids[i, max_len - len(toks):] = toks
         mask[i, max_len - len(toks):] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids, "attention_mask": mask, "num_truncated": num_truncated}
+
+
+def warn_truncated(what: str, enc: dict, max_len: int) -> None:
+    """A warning when texts were cut to their last ``max_len`` tokens (their beginning is lost)."""
+    if enc["num_truncated"]:
+        log.warning("%d of %d %s were longer than %d tokens and lost their beginning", enc["num_truncated"],
+                    len(enc["input_ids"]), what, max_len)
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -144,19 +161,25 @@ def judge_scores(
     max_judgment_tokens: int,
     num_judgments: int,
     batch_size: int,
+    template: str = "additive",
     progress=None,
 ) -> tuple[np.ndarray, int]:
     """Scores ``[B, R]`` in [0, 5] by the model judging its own responses (NaN where unparsed).
 
     ``"sample"``: K sampled judgments parsed for "Score: k" and averaged. ``"expected"``: a greedy
     judgment, cut at its "Score:" (appended if missing), then one forward: sum_k k * p(k).
+    Prompts are padded to the longest one (rounded up to 64 tokens: few shapes to compile), at most
+    ``max_prompt_len``; longer ones lose their beginning, with a warning.
     Returns (scores, number of parse failures).
     """
     b, r = len(responses), len(responses[0])
     flat_instr = [instructions[i] for i in range(b) for _ in range(r)]
     flat_resp = [responses[i][j] for i in range(b) for j in range(r)]
-    prompts = judge.render_judge_prompts(tokenizer, flat_instr, flat_resp)
+    prompts = judge.render_judge_prompts(tokenizer, flat_instr, flat_resp, template)
+    longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
+    max_prompt_len = min(max_prompt_len, -(-longest // 64) * 64)
     enc = encode_texts_left_padded(tokenizer, prompts, max_prompt_len)
+    warn_truncated("judge prompts", enc, max_prompt_len)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if readout == "sample":
         gen_tok, gen_mask = sample_responses(
@@ -174,15 +197,27 @@ def judge_scores(
         top_p=1.0, top_k=0, tokens=tokens, batch_size=batch_size, progress=progress,
     )
     judgments = [t[0] for t in decode_responses(tokenizer, gen_tok, gen_mask)]
-    forced, digit_ids, n_failed = judge.expected_score_prompts(tokenizer, flat_instr, flat_resp, judgments)
+    forced, digit_ids, n_failed = judge.expected_score_prompts(tokenizer, flat_instr, flat_resp, judgments, template)
     enc = encode_texts_left_padded(tokenizer, forced, max_prompt_len + max_judgment_tokens + 4)
+    warn_truncated("judge prompts with their judgments", enc, max_prompt_len + max_judgment_tokens + 4)
+    graphdef, state = nnx.split(model)
+    readout = _expected_readout(graphdef)
     digit_ids = jnp.asarray(digit_ids)
-
-    def last_logits(i, m):
-        return judge.expected_score(model(jnp.asarray(i), jnp.asarray(m))[:, -1], digit_ids)
-
-    score = _cat(batched(last_logits, [enc["input_ids"], enc["attention_mask"]], batch_size, progress))
+    score = _cat(batched(lambda i, m: readout(state, i, m, digit_ids), [enc["input_ids"], enc["attention_mask"]],
+                         batch_size, progress))
     return np.asarray(score, np.float32).reshape(b, r), n_failed
+
+
+@functools.cache
+def _expected_readout(graphdef: Any) -> Callable:
+    """One jitted forward per model structure (and shape bucket): the judge's expected score at the last position."""
+
+    @jax.jit
+    def readout(state, input_ids, attention_mask, digit_ids):
+        logits = nnx.merge(graphdef, state)(input_ids, attention_mask)
+        return judge.expected_score(logits[:, -1], digit_ids)
+
+    return readout
 
 
 # ------------------------------------------------------------------------------------------

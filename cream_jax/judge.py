@@ -41,6 +41,16 @@ User: {instruction}
 
 First justify your total in at most 100 words. Then finish with a last line of the form "Score: <points>"."""
 
+# A short judge prompt for models with a small context (the embedded tiny LLaMA has 256 positions and
+# the full rubric alone is ~800 of its tokens): the criteria are then learned from the EFT examples'
+# justifications instead of being read from the prompt.
+COMPACT_JUDGE_TEMPLATE = """Rate the response from 0 to 5 points.
+User: {instruction}
+<response>{response}</response>
+Justify, then end with "Score: <points>"."""
+
+JUDGE_TEMPLATES = {"additive": JUDGE_TEMPLATE, "compact": COMPACT_JUDGE_TEMPLATE}
+
 # Pairwise judge (SCIR's generative reward model, METHODS 5.2, [MEM]): the verdict is the first token
 # of the assistant's reply, so the logits at the last prompt position hold it.
 PAIRWISE_TEMPLATE = """Compare two responses to the user's request below and decide which one is better: more relevant, more correct, more complete, clearer and more helpful.
@@ -60,9 +70,14 @@ _LABEL_RE = re.compile(r"\bscore\s*\**\s*:", re.IGNORECASE)
 _VALUE_RE = re.compile(r"\s*\**\s*([+-]?\d+(?:\.\d+)?)(?:\s*/\s*(\d+))?")
 
 
-def judge_messages(instruction: str, response: str) -> list[dict[str, str]]:
-    """Chat messages asking the model to score ``response`` to ``instruction`` (one user turn)."""
-    return [{"role": "user", "content": JUDGE_TEMPLATE.format(instruction=instruction, response=response)}]
+def judge_messages(instruction: str, response: str, template: str = "additive") -> list[dict[str, str]]:
+    """Chat messages asking the model to score ``response`` to ``instruction`` (one user turn).
+
+    ``template``: "additive" (the five-criteria rubric of SRLM) or "compact" (the same in a few lines).
+    """
+    if template not in JUDGE_TEMPLATES:
+        raise ValueError(f"judge template {template!r} is not one of {', '.join(map(repr, JUDGE_TEMPLATES))}")
+    return [{"role": "user", "content": JUDGE_TEMPLATES[template].format(instruction=instruction, response=response)}]
 
 
 def pairwise_judge_messages(instruction: str, response_1: str, response_2: str) -> list[dict[str, str]]:
@@ -81,20 +96,22 @@ def _check_lengths(fn: str, **lists: Sequence[Any]) -> None:
         raise ValueError(f"{fn}: inputs must have one length, got {lengths}")
 
 
-def render_judge_prompts(tokenizer: Any, instructions: Sequence[str], responses: Sequence[str]) -> list[str]:
+def render_judge_prompts(tokenizer: Any, instructions: Sequence[str], responses: Sequence[str],
+                         template: str = "additive") -> list[str]:
     """Judge prompts as text, through the tokenizer's chat template with the generation prompt.
 
     Args:
       tokenizer: a ``transformers`` tokenizer with a chat template.
       instructions: B user requests.
       responses: B responses to judge (one per instruction; repeat instructions for R responses).
+      template: "additive" or "compact" (:func:`judge_messages`).
 
     Returns:
       B strings ending where the assistant's judgment starts. They already hold the template's BOS:
       encode them with ``add_special_tokens=False``.
     """
     _check_lengths("render_judge_prompts", instructions=instructions, responses=responses)
-    return _render(tokenizer, [judge_messages(i, r) for i, r in zip(instructions, responses)])
+    return _render(tokenizer, [judge_messages(i, r, template) for i, r in zip(instructions, responses)])
 
 
 def render_pairwise_prompts(
@@ -142,6 +159,7 @@ def expected_score_prompts(
     instructions: Sequence[str],
     responses: Sequence[str],
     judgments: Sequence[str] | None = None,
+    template: str = "additive",
 ) -> tuple[list[str], list[int], int]:
     """Prompts that end right before the score digit, for the one-forward "expected" read-out.
 
@@ -154,12 +172,13 @@ def expected_score_prompts(
       instructions: B user requests.
       responses: B responses.
       judgments: optional B generated justifications (e.g. greedy); None asks for the score at once.
+      template: "additive" or "compact" (:func:`judge_messages`).
 
     Returns:
       (B prompt strings, the [6] digit token ids for :func:`expected_score`, the number of judgments
       that had no "Score:" label and were used whole).
     """
-    prompts = render_judge_prompts(tokenizer, instructions, responses)
+    prompts = render_judge_prompts(tokenizer, instructions, responses, template)
     head, ids = digit_token_ids(tokenizer)
     if judgments is None:
         return [p + head for p in prompts], ids, 0

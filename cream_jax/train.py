@@ -84,7 +84,8 @@ def load_task_data(cfg: RunConfig) -> TaskData:
         if cfg.method == "srlm":  # SRLM's M1 also learns to judge (METHODS 3.1: SFT on IFT + EFT)
             from cream_jax import judge  # noqa: PLC0415
 
-            sft += [judge.judge_messages(e["instruction"], e["response"]) + [{"role": "assistant", "content": e["justification"]}]
+            sft += [judge.judge_messages(e["instruction"], e["response"], cfg.reward.judge_template)
+                    + [{"role": "assistant", "content": e["justification"]}]
                     for e in suite.eft]
         pools = [[{"id": p["id"], "messages": p["messages"], "task": p["task"], "label": p["answer"]} for p in pool]
                  for pool in suite.pool]
@@ -341,6 +342,10 @@ def pretrain_records(run: Run) -> dict:
 
 def sft_records(run: Run) -> dict:
     enc = pipeline.encode_sft(run.tokenizer, run.data.sft, run.cfg.sft.max_len, on_overflow="truncate")
+    lost = int((np.asarray(enc["loss_mask"]).sum(axis=1) == 0).sum())
+    if lost:  # e.g. SRLM's judge-training chats, whose rubric prompt alone can exceed SFT.max_len
+        log.warning("%d of %d SFT examples have no response token left within SFT.max_len=%d: they teach nothing",
+                    lost, len(run.data.sft), run.cfg.sft.max_len)
     return {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
 
 
@@ -451,6 +456,7 @@ def curate_iteration(run: Run, t: int, policy: Any, key: jax.Array) -> tuple[dic
             policy_model, run.tokenizer, [p["messages"][-1]["content"] for p in pool], texts,
             readout=cfg.reward.judge_readout, key=k_judge, tokens=run.tokens, max_prompt_len=4 * cfg.data.max_prompt_len + 256,
             max_judgment_tokens=48, num_judgments=cfg.reward.judge_samples, batch_size=s.batch_size,
+            template=cfg.reward.judge_template,
             progress=lambda it: metrics.progress(it, desc=f"iter {t}: judge"),
         )
         valid = valid & np.isfinite(r_now)
@@ -517,6 +523,7 @@ def scir_judge_records(run: Run, pool: list, texts: list, pairs: Any, keep: np.n
         msgs = [(pool[i]["messages"][-1]["content"], texts[i][int(first[i])], texts[i][int(second[i])]) for i in idx]
         rendered = judge.render_pairwise_prompts(run.tokenizer, *zip(*msgs)) if msgs else []
         enc = curate.encode_texts_left_padded(run.tokenizer, rendered, max_len)
+        curate.warn_truncated(f"SCIR pairwise judge prompts ({name})", enc, max_len)
         out[f"{name}_ids"], out[f"{name}_mask"] = enc["input_ids"], enc["attention_mask"]
     return out
 
