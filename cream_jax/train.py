@@ -640,7 +640,7 @@ def _run_stages(run: Run, params0: Any) -> dict:
         seconds = {**stats["seconds"], "train": train_seconds, "eval": eval_seconds}
         seconds["total"] = curate_seconds + train_seconds + eval_seconds
         row = {"iteration": t, "model": f"M{t + 1}", "accuracy": acc, "reward_accuracy": stats["reward_accuracy"],
-               "reward_accuracy_pairs": stats["reward_accuracy_pairs"],
+               "reward_accuracy_pairs": stats["reward_accuracy_pairs"], "judge_parse_failures": stats["judge_parse_failures"],
                "consistency": {"mean": stats["consistency"]["mean"], "std": stats["consistency"]["std"]},
                "pairs_kept": stats["pairs_kept"], "pairs_tied": stats["pairs_tied"], "seconds": seconds,
                "compiles": _COMPILES.count - compiles_before}
