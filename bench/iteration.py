@@ -7,7 +7,7 @@ Usage: ``PYTHONPATH=. python bench/iteration.py [--quick] [--pretrain_steps 50] 
 N in 2,4 (32 prompts), pools 32,128 (N = 4): a smoke run, its slopes rest on two points.
 
 1. The embedded default (``configs/tiny_cpu.gin``, method CREAM) with a reduced pre-training
-   (``Pretrain.steps`` = ``--pretrain_steps`` instead of 1500; SFT as configured) runs end to end
+   (``Pretrain.steps`` = ``--pretrain_steps`` instead of the default 400; SFT as configured) runs end to end
    through ``cream_jax.train.run_loop``. Each iteration's wall time is split by phase: sample (N
    responses per prompt with M_t), score under M_t, M_{t-1} and M0 (one forward each; at t = 1 the
    M0 forward also serves as M_{t-1}'s ranking), reward (decoding, oracle check, implicit rewards on

@@ -49,28 +49,26 @@ class TokenSpec:
         return cls(eos_ids=tuple(eos), pad_id=int(pad))
 
 
-def encode_texts_left_padded(tokenizer: Any, texts: Sequence[str], max_len: int) -> dict:
+def encode_texts_left_padded(tokenizer: Any, texts: Sequence[str], max_len: int, *, bucket: int | None = None,
+                             what: str = "texts") -> dict:
     """Tokenizes already-rendered texts (no template), keeps the last ``max_len`` tokens, left-pads.
 
-    Returns input_ids and attention_mask ``[B, max_len]`` and ``num_truncated``: texts that were cut.
+    ``bucket``: pad only to the longest text rounded up to a multiple of it (few shapes to compile),
+    still at most ``max_len``. Texts that are cut lose their beginning, with a warning naming ``what``.
     """
+    rows = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    if bucket:
+        max_len = min(max_len, -(-max((len(r) for r in rows), default=1) // bucket) * bucket)
     ids = np.full((len(texts), max_len), tokenizer.pad_token_id or 0, np.int32)
     mask = np.zeros((len(texts), max_len), np.int32)
-    num_truncated = 0
-    for i, text in enumerate(texts):
-        toks = tokenizer.encode(text, add_special_tokens=False)
-        num_truncated += len(toks) > max_len
+    for i, toks in enumerate(rows):
         toks = toks[-max_len:]
         ids[i, max_len - len(toks):] = toks
         mask[i, max_len - len(toks):] = 1
-    return {"input_ids": ids, "attention_mask": mask, "num_truncated": num_truncated}
-
-
-def warn_truncated(what: str, enc: dict, max_len: int) -> None:
-    """A warning when texts were cut to their last ``max_len`` tokens (their beginning is lost)."""
-    if enc["num_truncated"]:
-        log.warning("%d of %d %s were longer than %d tokens and lost their beginning", enc["num_truncated"],
-                    len(enc["input_ids"]), what, max_len)
+    cut = sum(len(r) > max_len for r in rows)
+    if cut:
+        log.warning("%d of %d %s were longer than %d tokens and lost their beginning", cut, len(texts), what, max_len)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -168,18 +166,15 @@ def judge_scores(
 
     ``"sample"``: K sampled judgments parsed for "Score: k" and averaged. ``"expected"``: a greedy
     judgment, cut at its "Score:" (appended if missing), then one forward: sum_k k * p(k).
-    Prompts are padded to the longest one (rounded up to 64 tokens: few shapes to compile), at most
-    ``max_prompt_len``; longer ones lose their beginning, with a warning.
+    Prompts are padded to the longest one (rounded up to 64 tokens), at most ``max_prompt_len``;
+    longer ones lose their beginning, with a warning.
     Returns (scores, number of parse failures).
     """
     b, r = len(responses), len(responses[0])
     flat_instr = [instructions[i] for i in range(b) for _ in range(r)]
     flat_resp = [responses[i][j] for i in range(b) for j in range(r)]
     prompts = judge.render_judge_prompts(tokenizer, flat_instr, flat_resp, template)
-    longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
-    max_prompt_len = min(max_prompt_len, -(-longest // 64) * 64)
-    enc = encode_texts_left_padded(tokenizer, prompts, max_prompt_len)
-    warn_truncated("judge prompts", enc, max_prompt_len)
+    enc = encode_texts_left_padded(tokenizer, prompts, max_prompt_len, bucket=64, what="judge prompts")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if readout == "sample":
         gen_tok, gen_mask = sample_responses(
@@ -198,8 +193,8 @@ def judge_scores(
     )
     judgments = [t[0] for t in decode_responses(tokenizer, gen_tok, gen_mask)]
     forced, digit_ids, n_failed = judge.expected_score_prompts(tokenizer, flat_instr, flat_resp, judgments, template)
-    enc = encode_texts_left_padded(tokenizer, forced, max_prompt_len + max_judgment_tokens + 4)
-    warn_truncated("judge prompts with their judgments", enc, max_prompt_len + max_judgment_tokens + 4)
+    enc = encode_texts_left_padded(tokenizer, forced, ids.shape[1] + max_judgment_tokens + 4,
+                                   what="judge prompts with their judgments")
     graphdef, state = nnx.split(model)
     readout = _expected_readout(graphdef)
     digit_ids = jnp.asarray(digit_ids)
@@ -210,12 +205,14 @@ def judge_scores(
 
 @functools.cache
 def _expected_readout(graphdef: Any) -> Callable:
-    """One jitted forward per model structure (and shape bucket): the judge's expected score at the last position."""
+    """One jitted forward per model structure (and shape bucket): the judge's expected score at the
+    last position (the LM head runs on that position only, not on all [B, T])."""
 
     @jax.jit
     def readout(state, input_ids, attention_mask, digit_ids):
-        logits = nnx.merge(graphdef, state)(input_ids, attention_mask)
-        return judge.expected_score(logits[:, -1], digit_ids)
+        model = nnx.merge(graphdef, state)
+        h_btd, _ = model.hidden_states(input_ids, attention_mask)
+        return judge.expected_score(model.logits(h_btd[:, -1]), digit_ids)
 
     return readout
 

@@ -522,8 +522,7 @@ def scir_judge_records(run: Run, pool: list, texts: list, pairs: Any, keep: np.n
     for name, first, second in (("judge12", pairs.chosen_idx, pairs.rejected_idx), ("judge21", pairs.rejected_idx, pairs.chosen_idx)):
         msgs = [(pool[i]["messages"][-1]["content"], texts[i][int(first[i])], texts[i][int(second[i])]) for i in idx]
         rendered = judge.render_pairwise_prompts(run.tokenizer, *zip(*msgs)) if msgs else []
-        enc = curate.encode_texts_left_padded(run.tokenizer, rendered, max_len)
-        curate.warn_truncated(f"SCIR pairwise judge prompts ({name})", enc, max_len)
+        enc = curate.encode_texts_left_padded(run.tokenizer, rendered, max_len, what=f"SCIR pairwise judge prompts ({name})")
         out[f"{name}_ids"], out[f"{name}_mask"] = enc["input_ids"], enc["attention_mask"]
     return out
 

@@ -55,6 +55,11 @@ METHOD_CONFIGS: dict[str, tuple[list[str], list[str]]] = {
     "Oracle DPO": (["configs/dpo_oracle.gin"], []),
 }
 ROW_ORDER = ["SFT", "SRLM", "SRLM (compact judge)", BASE, "CREAM (avg)", "SeRA", "SCIR", "Oracle DPO"]
+def trains_own_m1(method: str) -> bool:
+    """SRLM's M1 is SFT on IFT + EFT (METHODS 3.1), so it does not start from the base run's M1."""
+    return "configs/srlm.gin" in METHOD_CONFIGS[method][0]
+
+
 QUICK_BINDINGS = ["Pretrain.steps = 20", "SFT.epochs = 1", "Data.prompts_per_iteration = 32", "Eval.num_per_task = 32"]
 
 
@@ -91,7 +96,7 @@ def make_jobs(seeds: list[int], iterations: int, root: Path, extra: list[str]) -
             if method == BASE:
                 jobs.append(Job(method, seed, workdir, cmd))
             else:
-                models = ("m0",) if method.startswith("SRLM") else ("m0", "m1")  # SRLM's M1 also learns to judge
+                models = ("m0",) if trains_own_m1(method) else ("m0", "m1")
                 jobs.append(Job(method, seed, workdir, cmd, copy_from=base_dir, copy_models=models))
     return jobs
 
@@ -176,7 +181,7 @@ def collect(jobs: list[Job]) -> dict:
             continue
         for row in json.loads(path.read_text())["iterations"]:
             t = row["iteration"]
-            if t == 0 and job.method != BASE and not job.method.startswith("SRLM"):
+            if t == 0 and job.method != BASE and not trains_own_m1(job.method):
                 continue  # the same M1 as the base run's
             method = "SFT" if (t == 0 and job.method == BASE) else job.method
             table.setdefault(method, {}).setdefault(t, []).append({"seed": job.seed, **row})
@@ -192,7 +197,7 @@ def summarize(table: dict) -> list[dict]:
             acc["mean"] = mean_ci([float(np.mean([r["accuracy"][k] for k in tasks])) for r in rows])
             cons = [r["consistency"] for r in rows if r.get("consistency") and r["consistency"].get("mean") is not None]
             out.append({
-                "method": method + (" (M1: IFT+EFT)" if method.startswith("SRLM") and t == 0 else ""),
+                "method": method + (" (M1: IFT+EFT)" if t == 0 and method != "SFT" else ""),
                 "iteration": t, "model": rows[0]["model"], "seeds": [r["seed"] for r in rows],
                 "accuracy": acc,
                 "reward_accuracy": mean_ci([r.get("reward_accuracy") for r in rows]) if t else None,
@@ -202,7 +207,7 @@ def summarize(table: dict) -> list[dict]:
                 "consistency_mean": mean_ci([c["mean"] for c in cons]) if cons else None,
                 "consistency_std": float(np.mean([c["std"] for c in cons])) if cons else None,
                 "pairs_kept": mean_ci([r.get("pairs_kept") for r in rows]) if t else None,
-                "seconds": float(np.mean([r.get("seconds", {}).get("total", r.get("seconds", {}).get("eval", 0.0)) for r in rows])),
+                "seconds": float(np.mean([r["seconds"].get("total", sum(r["seconds"].values())) for r in rows])),
                 "per_seed": rows,
             })
     return out

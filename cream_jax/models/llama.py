@@ -303,7 +303,7 @@ class Attention(nnx.Module):
             out_btd = out_btd + self.bo[...]
         return out_btd, new_kv
 
-    def decode(self, x_rd, cos_rh, sin_rh, prefix_kv, prefix_bias_bp, gen_kv, gen_bias_s, index, w_qkv=None):
+    def decode(self, x_rd, cos_rh, sin_rh, prefix_kv, prefix_bias_bp, gen_kv, gen_bias_s, index, w_qkv):
         """One new token per row over a prompt cache shared by the R rows (samples) of each prompt.
 
         Row r = b * R + i is sample i of prompt b. Its query attends to prompt b's cached keys
@@ -320,8 +320,8 @@ class Attention(nnx.Module):
           gen_kv: (k [B*R,K,S,H], v [B*R,K,S,H]) the generated tokens' cache of this layer.
           gen_bias_s: [S] float32 bias, 0 for slots <= ``index`` (written), very negative after.
           index: [] int32 slot of ``gen_kv`` where the new key and value are written.
-          w_qkv: optional [D, (N+2K)*H] wq|wk|wv concatenated (once, outside the decode loop):
-            one dot instead of three.
+          w_qkv: [D, (N+2K)*H] wq|wk|wv concatenated once outside the decode loop
+            (``Llama.unstack_layers``): one dot instead of three.
 
         Returns:
           (out [B*R,D], gen_kv with the new key and value written in).
@@ -330,15 +330,10 @@ class Attention(nnx.Module):
         B, K, P, H = prefix_kv[0].shape
         N, R = self.wq.shape[1], BR // B
         G = N // K
-        if w_qkv is None:
-            q_rnh = jnp.einsum("rd,dnh->rnh", x_rd, self.wq[...])
-            k_rkh = jnp.einsum("rd,dkh->rkh", x_rd, self.wk[...])
-            v_rkh = jnp.einsum("rd,dkh->rkh", x_rd, self.wv[...])
-        else:
-            qkv_rj = x_rd @ w_qkv
-            q_rnh = qkv_rj[:, :N * H].reshape(BR, N, H)
-            k_rkh = qkv_rj[:, N * H:(N + K) * H].reshape(BR, K, H)
-            v_rkh = qkv_rj[:, (N + K) * H:].reshape(BR, K, H)
+        qkv_rj = x_rd @ w_qkv
+        q_rnh = qkv_rj[:, :N * H].reshape(BR, N, H)
+        k_rkh = qkv_rj[:, N * H:(N + K) * H].reshape(BR, K, H)
+        v_rkh = qkv_rj[:, (N + K) * H:].reshape(BR, K, H)
         if self.bias:
             q_rnh, k_rkh, v_rkh = q_rnh + self.bq[...], k_rkh + self.bk[...], v_rkh + self.bv[...]
         q_rnh = _rotate(q_rnh[:, None], cos_rh[:, None], sin_rh[:, None])[:, 0]
@@ -388,12 +383,17 @@ class MLP(nnx.Module):
             self.b_down = _param(rngs, (D,), ("embed",), dt, 0.0)
         self.bias = c.mlp_bias
 
-    def __call__(self, x_btd):
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.w_gate[...])
-        up_btf = jnp.einsum("btd,df->btf", x_btd, self.w_up[...])
+    def __call__(self, x_btd, w_gate_up=None):
+        """[..., D] -> [..., D]. ``w_gate_up``: optional [D, 2F] w_gate|w_up concatenated once outside a
+        decode loop (``Llama.unstack_layers``): one wider dot instead of two."""
+        if w_gate_up is None:
+            gate_btf = jnp.einsum("...d,df->...f", x_btd, self.w_gate[...])
+            up_btf = jnp.einsum("...d,df->...f", x_btd, self.w_up[...])
+        else:
+            gate_btf, up_btf = jnp.split(x_btd @ w_gate_up, 2, axis=-1)
         if self.bias:
             gate_btf, up_btf = gate_btf + self.b_gate[...], up_btf + self.b_up[...]
-        out_btd = jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.w_down[...])
+        out_btd = jnp.einsum("...f,fd->...d", jax.nn.silu(gate_btf) * up_btf, self.w_down[...])
         return out_btd + self.b_down[...] if self.bias else out_btd
 
 
@@ -414,26 +414,16 @@ class DecoderLayer(nnx.Module):
         x_btd = x_btd + self.mlp(rms_norm(x_btd, self.post_attn_norm[...], self.eps))
         return x_btd, kv
 
-    def decode(self, x_rd, cos_rh, sin_rh, prefix_kv, prefix_bias_bp, gen_kv, gen_bias_s, index, fused=None):
+    def decode(self, x_rd, cos_rh, sin_rh, prefix_kv, prefix_bias_bp, gen_kv, gen_bias_s, index, fused):
         """:meth:`Attention.decode` in the pre-norm block: [B*R,D] -> ([B*R,D], gen_kv).
 
-        ``fused``: optional (wq|wk|wv [D,(N+2K)*H], w_gate|w_up [D,2F]), see ``Llama.unstack_layers``.
+        ``fused``: (wq|wk|wv [D,(N+2K)*H], w_gate|w_up [D,2F]) from ``Llama.unstack_layers``.
         """
-        w_qkv, w_gu = (None, None) if fused is None else fused
+        w_qkv, w_gate_up = fused
         a_rd, gen_kv = self.attn.decode(rms_norm(x_rd, self.input_norm[...], self.eps), cos_rh, sin_rh, prefix_kv,
                                         prefix_bias_bp, gen_kv, gen_bias_s, index, w_qkv)
         x_rd = x_rd + a_rd
-        h_rd = rms_norm(x_rd, self.post_attn_norm[...], self.eps)
-        if w_gu is None:
-            return x_rd + self.mlp(h_rd[:, None])[:, 0], gen_kv
-        m = self.mlp
-        F = m.w_up.shape[1]
-        gu_rj = h_rd @ w_gu
-        gate_rf, up_rf = gu_rj[:, :F], gu_rj[:, F:]
-        if m.bias:
-            gate_rf, up_rf = gate_rf + m.b_gate[...], up_rf + m.b_up[...]
-        out_rd = (jax.nn.silu(gate_rf) * up_rf) @ m.w_down[...]
-        return x_rd + (out_rd + m.b_down[...] if m.bias else out_rd), gen_kv
+        return x_rd + self.mlp(rms_norm(x_rd, self.post_attn_norm[...], self.eps), w_gate_up), gen_kv
 
 
 class Llama(nnx.Module):
