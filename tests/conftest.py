@@ -13,3 +13,15 @@ import tempfile  # noqa: E402
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cream_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One uninterrupted CLI run of tests/configs/smoke.gin (CREAM, 2 iterations), shared by the
+    end-to-end modules: (workdir, completed process)."""
+    from tests._cli import cli  # noqa: PLC0415
+
+    workdir = tmp_path_factory.mktemp("smoke") / "run"
+    return workdir, cli(workdir)

@@ -1,40 +1,20 @@
 """End to end: the real CLI on a minute-scale config, kill-and-resume, every method, bad input.
 
-The uninterrupted smoke run is shared by the tests of this module (module-scoped fixture); the
-method tests reuse its M0/M1 so that each runs only its self-rewarding iteration.
+The uninterrupted smoke run is shared with tests/test_method_pins.py (the session fixture
+``smoke_run`` of conftest.py); tests that need only an iteration start from its M0/M1.
 """
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = str(ROOT / "tests" / "configs" / "smoke.gin")
+from tests._cli import cli, copy_models
+
 pytestmark = pytest.mark.slow
-
-
-def cli(workdir, *extra, env_extra=None, check=True):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI runs on 1 CPU device
-    env.update({"CREAM_JAX_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}, **(env_extra or {}))
-    cmd = [sys.executable, "-m", "cream_jax.train", "--gin_file", SMOKE, "--workdir", str(workdir), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke") / "run"
-    proc = cli(workdir)
-    return workdir, proc
 
 
 def load_params(workdir, name):
@@ -110,23 +90,6 @@ def test_finished_workdir_reruns_nothing_and_other_config_is_refused(smoke_run, 
     assert line.startswith("error: workdir") and "different config" in line
 
 
-@pytest.mark.parametrize("method", ["srlm", "sera", "scir", "dpo_oracle"])
-def test_each_method_runs_one_iteration(smoke_run, tmp_path, method):
-    reference, _ = smoke_run
-    workdir = tmp_path / method
-    (workdir / "models").mkdir(parents=True)
-    for name in ("m0", "m1"):  # start from the shared M0/M1: only the iteration runs
-        shutil.copytree(reference / "models" / name, workdir / "models" / name)
-    cli(workdir, "--gin_param", f"Run.method = '{method}'", "--gin_param", "Run.iterations = 1")
-    results = json.loads((workdir / "results.json").read_text())
-    assert results["config"]["method"] == method
-    row = results["iterations"][-1]
-    assert row["iteration"] == 1
-    # The untrained smoke model answers nothing right, so the oracle ties every response: no pair
-    # survives, the run says so and carries M1 over (dropped pairs are counted, nothing crashes).
-    assert row["pairs_kept"] > 0 if method != "dpo_oracle" else row["pairs_kept"] + row["pairs_tied"] == 16
-
-
 @pytest.mark.parametrize(
     "binding, message",
     [
@@ -150,9 +113,7 @@ def test_bad_input_is_one_line_error(tmp_path, binding, message):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path):
     reference, _ = smoke_run
     workdir = tmp_path / "nan"
-    (workdir / "models").mkdir(parents=True)
-    for name in ("m0", "m1"):
-        shutil.copytree(reference / "models" / name, workdir / "models" / name)
+    copy_models(reference, workdir)
     proc = cli(workdir, "--gin_param", "DPOOptim.learning_rate = 1e39",
                check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]

@@ -1,0 +1,91 @@
+"""Regression pins: every method's results.json (and its last logged train losses) on the smoke
+config at a fixed seed equal the values recorded in tests/method_pins.json.
+
+Two iterations each, so every t >= 2 branch runs (M_{t-1} scored with its own reference, SeRA's
+ensemble with r_{t-1}), plus CREAM with reward_reference="previous". The values were recorded from
+the code named in the JSON's "_recorded_from" field; re-record with
+``CREAM_JAX_RECORD_PINS=1 PYTHONPATH=$PWD python -m pytest tests/test_method_pins.py`` only when a
+behaviour change is intended, and say in the commit which numbers moved and why.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from tests._cli import cli, copy_models
+
+PINS = Path(__file__).resolve().parent / "method_pins.json"
+RECORD = os.environ.get("CREAM_JAX_RECORD_PINS") == "1"
+REL = 1e-4
+pytestmark = pytest.mark.slow
+
+# name -> (gin bindings, models copied from the smoke run: SRLM's M1 is trained on its own SFT+EFT data)
+CASES = {
+    "cream": None,  # the smoke run itself
+    "cream_previous": (["Reward.reward_reference = 'previous'"], ("m0", "m1")),
+    "srlm": (["Run.method = 'srlm'", "Reward.judge_template = 'compact'"], ("m0",)),
+    "sera": (["Run.method = 'sera'", "Reward.sera_ensemble_weight = 0.5"], ("m0", "m1")),
+    "scir": (["Run.method = 'scir'"], ("m0", "m1")),
+    "dpo_oracle": (["Run.method = 'dpo_oracle'"], ("m0", "m1")),
+}
+
+
+def pinned_numbers(workdir: Path) -> dict:
+    """The numbers of results.json that do not depend on the clock, and the last logged value of
+    each train metric per iteration (losses, margins) from logs/metrics.jsonl."""
+    rows = json.loads((workdir / "results.json").read_text())["iterations"]
+    out = {}
+    for row in rows:
+        t = row["iteration"]
+        out[f"{t}/accuracy"] = row["accuracy"]
+        for key in ("reward_accuracy", "reward_accuracy_pairs", "judge_parse_failures", "consistency",
+                    "pairs_kept", "pairs_tied"):
+            if key in row:
+                out[f"{t}/{key}"] = row[key]
+    last = {}
+    for line in (workdir / "logs" / "metrics.jsonl").read_text().splitlines():
+        for name, value in json.loads(line).items():
+            if name.startswith("iter") and "/train/" in name:
+                last[name] = value
+    out["train_metrics"] = last
+    return out
+
+
+def assert_close(got, want, where=""):
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), f"{where}: keys {sorted(got)} != {sorted(want)}"
+        for k in want:
+            assert_close(got[k], want[k], f"{where}/{k}")
+    elif isinstance(want, float) and isinstance(got, (int, float)):
+        assert math.isclose(got, want, rel_tol=REL, abs_tol=1e-6), f"{where}: {got} != pinned {want}"
+    else:
+        assert got == want, f"{where}: {got!r} != pinned {want!r}"
+
+
+@pytest.fixture(scope="module")
+def pins():
+    data = json.loads(PINS.read_text()) if PINS.exists() else {}
+    yield data
+    if RECORD:
+        PINS.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_method_matches_pinned_results(smoke_run, tmp_path, pins, case):
+    reference, _ = smoke_run
+    if CASES[case] is None:
+        workdir = reference
+    else:
+        bindings, models = CASES[case]
+        workdir = tmp_path / case
+        copy_models(reference, workdir, models)
+        cli(workdir, *[arg for b in bindings for arg in ("--gin_param", b)])
+    got = pinned_numbers(workdir)
+    if RECORD:
+        pins[case] = got
+        return
+    assert case in pins, f"no pinned values for {case}: record them (see the module docstring)"
+    assert_close(got, pins[case], case)
