@@ -20,10 +20,9 @@ N in 2,4 (32 prompts), pools 32,128 (N = 4): a smoke run, its slopes rest on two
    (batch 16) in these runs and left out of the fitted time, as it depends on neither N nor the pool. The
    exponent is the least-squares slope of log(time) on log(N) or log(pool size).
 
-Phase times come from the trainer's per-iteration ``seconds`` (results rows); the split of the
-scoring time by model and the consistency time are measured by timing wrappers around
-``curate.score_sequences`` and ``curate.consistency_of`` installed by this script (they only read
-the clock; the loop is unchanged).
+Every phase time comes from the loop's own results rows (``seconds``: the rollout, each model's
+forwards in the log-prob table, rewards, consistency, pairs, train, eval; pre-training and SFT in
+row 0), written by ``cream_jax.loop.stages.run_loop``: the script neither wraps nor patches it.
 """
 
 from __future__ import annotations
@@ -41,88 +40,25 @@ os.environ.setdefault("CREAM_JAX_NO_PROGRESS", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cream_jax import config as config_lib, curate, train  # noqa: E402
+from cream_jax import config as config_lib  # noqa: E402
+from cream_jax.loop import stages  # noqa: E402
 
 GIN_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.gin")
 PHASES = ("sample", "score M_t", "score M_t-1", "score M0", "reward", "consistency", "pairs", "train", "eval")
 
 
-class PhaseClock:
-    """Clock-only wrappers around the trainer's stages: ``setup`` (to see the run's resident models),
-    ``curate_iteration`` (the current t), ``train_on_arrays`` (pre-training / SFT seconds), and the
-    scoring and consistency calls inside ``curate_iteration``."""
-
-    def __init__(self):
-        self.run = None
-        self.iteration = 0
-        self.events: list[tuple[int, str, float]] = []  # (iteration, phase, seconds)
-        self.stages: dict[str, float] = {}  # pre-training / SFT wall seconds of the last run
-        self._orig = (train.setup, train.curate_iteration, train.train_on_arrays, curate.score_sequences,
-                      curate.consistency_of)
-
-    def _model_name(self, model) -> str:
-        leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
-        for name, params in self.run.models.items():
-            if jax.tree.leaves(params)[0] is leaf:
-                return "M_t" if name == "policy" else "M0" if name == "m0" else "M_t-1"
-        raise RuntimeError("scored model is none of the resident models; cannot attribute its time")
-
-    def __enter__(self):
-        setup, curate_iteration, train_on_arrays, score_sequences, consistency_of = self._orig
-
-        def timed_setup(*args, **kwargs):
-            self.run, params = setup(*args, **kwargs)
-            return self.run, params
-
-        def timed_curate(run, t, *args, **kwargs):
-            self.iteration = t
-            return curate_iteration(run, t, *args, **kwargs)
-
-        def timed_train(run, *, name, **kwargs):
-            tic = time.perf_counter()
-            out = train_on_arrays(run, name=name, **kwargs)
-            jax.block_until_ready(out)
-            self.stages[name] = time.perf_counter() - tic
-            return out
-
-        def timed_score(model, *args, **kwargs):
-            tic = time.perf_counter()
-            out = score_sequences(model, *args, **kwargs)  # host arrays: the forwards are done
-            self.events.append((self.iteration, f"score {self._model_name(model)}", time.perf_counter() - tic))
-            return out
-
-        def timed_consistency(*args, **kwargs):
-            tic = time.perf_counter()
-            out = consistency_of(*args, **kwargs)
-            self.events.append((self.iteration, "consistency", time.perf_counter() - tic))
-            return out
-
-        train.setup, train.curate_iteration, train.train_on_arrays = timed_setup, timed_curate, timed_train
-        curate.score_sequences, curate.consistency_of = timed_score, timed_consistency
-        return self
-
-    def __exit__(self, *exc):
-        (train.setup, train.curate_iteration, train.train_on_arrays, curate.score_sequences,
-         curate.consistency_of) = self._orig
-
-    def phases(self, row: dict) -> dict:
-        """Per-phase seconds of one results row, with scoring split by model and consistency apart."""
-        t = row["iteration"]
-        mine = {}
-        for it, phase, sec in self.events:
-            if it == t:
-                mine[phase] = mine.get(phase, 0.0) + sec
-        s = row["seconds"]
-        out = {"sample": s["sample"], "reward": s["reward"], "train": s["train"], "eval": s["eval"]}
-        out.update({k: mine.get(k, 0.0) for k in ("score M_t", "score M_t-1", "score M0", "consistency")})
-        out["pairs"] = s["pairs"] - out["consistency"]
-        # What the scoring wrappers did not see (e.g. host reshapes) stays in the model-less remainder.
-        out["score other"] = s["score"] - sum(out[k] for k in ("score M_t", "score M_t-1", "score M0"))
-        out["total"] = s["total"]
-        return out
+def phases(row: dict) -> dict:
+    """Per-phase seconds of one results row, with the scoring split by model (relative to t)."""
+    t, s = row["iteration"], row["seconds"]
+    out = {k: s[k] for k in ("sample", "reward", "consistency", "pairs", "train", "eval", "total")}
+    out.update({"score M_t": 0.0, "score M_t-1": 0.0, "score M0": 0.0})
+    for name, sec in s.items():
+        if name.startswith("score M"):
+            k = int(name.removeprefix("score M"))
+            out["score M_t" if k == t else "score M0" if k == 0 else "score M_t-1"] += sec
+    return out
 
 
 def make_config(bindings: list[str]) -> config_lib.RunConfig:
@@ -130,14 +66,12 @@ def make_config(bindings: list[str]) -> config_lib.RunConfig:
     return config_lib.build_run_config()
 
 
-def run(cfg: config_lib.RunConfig, workdir: str, clock: PhaseClock) -> tuple[list[dict], float]:
-    """``run_loop`` with its closing table silenced; (results rows of iterations >= 1, wall seconds)."""
-    clock.events.clear()
-    clock.stages.clear()
+def run(cfg: config_lib.RunConfig, workdir: str) -> tuple[list[dict], float]:
+    """``run_loop`` with its closing table silenced; (every results row, wall seconds)."""
     tic = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        out = train.run_loop(cfg, workdir)
-    return [r for r in out["iterations"] if r["iteration"] >= 1], time.perf_counter() - tic
+        out = stages.run_loop(cfg, workdir)
+    return out["iterations"], time.perf_counter() - tic
 
 
 def slope(x: list[float], y: list[float]) -> float:
@@ -168,45 +102,43 @@ def main():
             p.error(f"pool sizes must be even (the suite draws pool/2 prompts per task), got {value}")
 
     tmp = tempfile.mkdtemp(prefix="cream_bench_iter_")
-    clock = PhaseClock()
     try:
-        with clock:
-            base_bindings = [f"Pretrain.steps = {args.pretrain_steps}", f"Run.iterations = {args.iterations}"]
-            if args.sft_epochs:
-                base_bindings.append(f"SFT.epochs = {args.sft_epochs}")
-            if args.base_pool:
-                base_bindings.append(f"Suite.pool_per_iteration = {args.base_pool // 2}")
-            if args.quick:
-                base_bindings.append("Eval.num_per_task = 32")
-            base_cfg = make_config(base_bindings)
-            rows, base_wall = run(base_cfg, os.path.join(tmp, "base"), clock)
-            base = [(r["iteration"], clock.phases(r), r["compiles"], r["pairs_kept"]) for r in rows]
-            base_prompts = len(clock.run.data.pools[0])
-            stages = dict(clock.stages)
+        base_bindings = [f"Pretrain.steps = {args.pretrain_steps}", f"Run.iterations = {args.iterations}"]
+        if args.sft_epochs:
+            base_bindings.append(f"SFT.epochs = {args.sft_epochs}")
+        if args.base_pool:
+            base_bindings.append(f"Suite.pool_per_iteration = {args.base_pool // 2}")
+        if args.quick:
+            base_bindings.append("Eval.num_per_task = 32")
+        base_cfg = make_config(base_bindings)
+        rows, base_wall = run(base_cfg, os.path.join(tmp, "base"))
+        base = [(r["iteration"], phases(r), r["compiles"], r["pairs_kept"]) for r in rows if r["iteration"] >= 1]
+        base_prompts = rows[1]["prompts"]
+        stage_seconds = rows[0]["seconds"]
 
-            done: dict[tuple[int, int], tuple[dict, int]] = {}
+        done: dict[tuple[int, int], tuple[dict, int]] = {}
 
-            def sweep(n: int, pool: int) -> tuple[dict, int]:
-                """Iteration 2's phases and compilations with N = n responses for ``pool`` prompts."""
-                if (n, pool) in done:  # the point shared by both sweeps runs once
-                    return done[(n, pool)]
-                wd = os.path.join(tmp, f"n{n}_pool{pool}")
-                os.makedirs(os.path.join(wd, "models"))
-                for m in ("m0", "m1"):  # the base run's M0 and M1: nothing is re-trained
-                    shutil.copytree(os.path.join(tmp, "base", "models", m), os.path.join(wd, "models", m))
-                cfg = make_config([b for b in base_bindings if not b.startswith(("Run.iterations", "Suite.pool"))]
-                                  + ["Run.iterations = 2", "Eval.num_per_task = 8", "Eval.batch_size = 16",
-                                     f"Sampling.num_samples = {n}",
-                                     f"Suite.pool_per_iteration = {pool // 2}"])
-                rows, _ = run(cfg, wd, clock)
-                row = next(r for r in rows if r["iteration"] == 2)
-                done[(n, pool)] = (clock.phases(row), row["compiles"])
+        def sweep(n: int, pool: int) -> tuple[dict, int]:
+            """Iteration 2's phases and compilations with N = n responses for ``pool`` prompts."""
+            if (n, pool) in done:  # the point shared by both sweeps runs once
                 return done[(n, pool)]
+            wd = os.path.join(tmp, f"n{n}_pool{pool}")
+            os.makedirs(os.path.join(wd, "models"))
+            for m in ("m0", "m1"):  # the base run's M0 and M1: nothing is re-trained
+                shutil.copytree(os.path.join(tmp, "base", "models", m), os.path.join(wd, "models", m))
+            cfg = make_config([b for b in base_bindings if not b.startswith(("Run.iterations", "Suite.pool"))]
+                              + ["Run.iterations = 2", "Eval.num_per_task = 8", "Eval.batch_size = 16",
+                                 f"Sampling.num_samples = {n}",
+                                 f"Suite.pool_per_iteration = {pool // 2}"])
+            rows, _ = run(cfg, wd)
+            row = next(r for r in rows if r["iteration"] == 2)
+            done[(n, pool)] = (phases(row), row["compiles"])
+            return done[(n, pool)]
 
-            ns = [int(v) for v in args.ns.split(",")]
-            pools = [int(v) for v in args.pools.split(",")]
-            n_rows = [sweep(n, args.n_sweep_pool) for n in ns]
-            pool_rows = [sweep(args.pool_sweep_n, q) for q in pools]
+        ns = [int(v) for v in args.ns.split(",")]
+        pools = [int(v) for v in args.pools.split(",")]
+        n_rows = [sweep(n, args.n_sweep_pool) for n in ns]
+        pool_rows = [sweep(args.pool_sweep_n, q) for q in pools]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -214,8 +146,8 @@ def main():
     print(f"devices: {jax.devices()[0].device_kind} x{len(jax.devices())}, cores: {os.cpu_count()}, "
           f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
     print(f"embedded default (configs/tiny_cpu.gin), CREAM: LLaMA d={m.hidden_size} L={m.num_hidden_layers} "
-          f"F={m.intermediate_size}, pre-training reduced to {args.pretrain_steps} steps ({stages['pretrain']:.0f} s), "
-          f"SFT {base_cfg.sft.epochs} epochs ({stages['sft']:.0f} s); N={base_cfg.sampling.num_samples}, "
+          f"F={m.intermediate_size}, pre-training reduced to {args.pretrain_steps} steps ({stage_seconds['pretrain']:.0f} s), "
+          f"SFT {base_cfg.sft.epochs} epochs ({stage_seconds['sft']:.0f} s); N={base_cfg.sampling.num_samples}, "
           f"{base_prompts} prompts/iteration, {base_cfg.sampling.max_new_tokens} new tokens; "
           f"whole run {base_wall:.0f} s")
     print("seconds per phase (score M_t-1 at t = 1: the M0 forward serves as M_{t-1}'s ranking)")
@@ -228,7 +160,7 @@ def main():
 
     def table(title: str, xs: list[int], sweep_rows: list[tuple[dict, int]], label: str):
         for r, _ in sweep_rows:
-            r["score"] = r["score M_t"] + r["score M_t-1"] + r["score M0"] + r["score other"]
+            r["score"] = r["score M_t"] + r["score M_t-1"] + r["score M0"]
             r["iteration"] = r["total"] - r["eval"]
         print(title)
         print(f"{label:>5} {'sample':>8} {'score':>8} {'consist.':>8} {'train':>8} {'iteration':>9} {'compiles':>8}")

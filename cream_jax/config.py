@@ -10,7 +10,8 @@ name, so a ``.gin`` file or ``--gin_param`` binds fields as ``DPO.beta = 0.05`` 
 sections were constructed with those bindings applied.
 
 Sections and their gin names:
-  Model, Suite, Data, Pretrain, SFT, Sampling, Reward, DPO, Eval, Mesh, Run
+  Model, Suite, Data, Pretrain, SFT, Sampling, Reward (shared by every method), CREAM, SRLM, SeRA,
+  SCIR (one per method), DPO, Eval, Mesh, Run
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
-
-METHODS = ("srlm", "cream", "sera", "scir", "dpo_oracle")
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -100,22 +98,49 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """How responses are rewarded and how consistency is measured (METHODS section 0 and 7)."""
+    """What every method shares: the implicit reward's reference, how consistency is measured,
+    pairing and scoring (METHODS section 0 and 7). Method-specific knobs have their own sections."""
 
     reward_reference: str = "initial"  # "initial" (M0) | "previous" (M_{t-1})
     consistency_method: str = "kendall"  # "kendall" | "spearman" | "toporder"
-    consistency_level: str = "dyn"  # "dyn" (per prompt) | "avg" (set level)
     ties: str = "b"  # "b" (tau-b) | "ordinal" (official CREAM code)
-    judge_readout: str = "expected"  # SRLM: "expected" | "sample"
-    judge_template: str = "additive"  # SRLM: "additive" (SRLM's rubric) | "compact" (short, for small contexts)
-    judge_samples: int = 3
-    sera_ratio: float = 0.5  # SeRA: fraction of pairs kept by implicit-reward margin
-    sera_ensemble_weight: float = 1.0  # SeRA: w * r_t + (1 - w) * r_{t-1}
-    scir_alpha: float = 1.0
-    scir_gamma: float = 0.0
-    scir_divergence: str = "skl"
-    dedup: bool = True
+    dedup: bool = True  # identical responses are never paired
     score_batch_size: int = 64  # sequences per scoring forward
+
+
+@dataclass(frozen=True)
+class CreamConfig:
+    """CREAM (METHODS 2): the soft label of a pair is the consistency C of M_t's and M_{t-1}'s rankings."""
+
+    consistency_level: str = "dyn"  # "dyn" (per prompt) | "avg" (set level, the paper's Algorithm 1)
+
+
+@dataclass(frozen=True)
+class SRLMConfig:
+    """SRLM (METHODS 3): M_t judges its own responses."""
+
+    judge_readout: str = "expected"  # "expected" (one forward) | "sample" (K sampled judgments)
+    judge_template: str = "additive"  # "additive" (SRLM's rubric) | "compact" (short, for small contexts)
+    judge_samples: int = 3  # K for judge_readout="sample"
+
+
+@dataclass(frozen=True)
+class SeRAConfig:
+    """SeRA (METHODS 4, [MEM] reconstruction)."""
+
+    ratio: float = 0.5  # fraction of the bootstrapped pairs kept by implicit-reward margin
+    ensemble_weight: float = 1.0  # w * r_t + (1 - w) * r_{t-1} ranks the pairs (t >= 2)
+
+
+@dataclass(frozen=True)
+class SCIRConfig:
+    """SCIR (METHODS 5, [MEM] reconstruction)."""
+
+    alpha: float = 1.0  # weight of the implicit-vs-generative divergence
+    gamma: float = 0.0  # weight of the entropy (confidence) penalty
+    divergence: str = "skl"  # "skl" | "bce" | "mse"
+    tie_tolerance: float = 1e-3  # |Delta| at or below which the implicit preference is a tie
+    eft_pairs: bool = True  # M1 also learns the pairwise judge (EFT-style pairs of the embedded suite)
 
 
 @dataclass(frozen=True)
@@ -158,6 +183,10 @@ class RunConfig:
     sft: SFTConfig = SFTConfig()
     sampling: SamplingConfig = SamplingConfig()
     reward: RewardConfig = RewardConfig()
+    cream: CreamConfig = CreamConfig()
+    srlm: SRLMConfig = SRLMConfig()
+    sera: SeRAConfig = SeRAConfig()
+    scir: SCIRConfig = SCIRConfig()
     dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
@@ -167,14 +196,13 @@ class RunConfig:
 
 
 _CHOICES = {
-    "method": METHODS,
     "reward.reward_reference": ("initial", "previous"),
     "reward.consistency_method": ("kendall", "spearman", "toporder"),
-    "reward.consistency_level": ("dyn", "avg"),
     "reward.ties": ("b", "ordinal"),
-    "reward.judge_readout": ("expected", "sample"),
-    "reward.judge_template": ("additive", "compact"),
-    "reward.scir_divergence": ("skl", "bce", "mse"),
+    "cream.consistency_level": ("dyn", "avg"),
+    "srlm.judge_readout": ("expected", "sample"),
+    "srlm.judge_template": ("additive", "compact"),
+    "scir.divergence": ("skl", "bce", "mse"),
     "dpo.loss_type": ("sigmoid", "ipo", "hinge", "simpo"),
     "model.dtype": ("float32", "bfloat16"),
     "data.on_overflow": ("truncate", "error"),
@@ -190,7 +218,8 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def validate(cfg: RunConfig) -> None:
-    """One-line errors for values no run can use."""
+    """One-line errors for values no run can use (a method checks its own cross-field constraints:
+    ``methods.create``; the method name is checked against the registry there)."""
     for name, allowed in _CHOICES.items():
         value = _get(cfg, name)
         if value not in allowed:
@@ -205,8 +234,8 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"config: {name} must be > 0, got {_get(cfg, name)}")
     if cfg.sampling.num_samples < 2:
         raise ValueError("config: sampling.num_samples must be >= 2 to build preference pairs")
-    if not 0.0 < cfg.reward.sera_ratio <= 1.0:
-        raise ValueError(f"config: reward.sera_ratio must be in (0, 1], got {cfg.reward.sera_ratio}")
+    if cfg.srlm.judge_samples <= 0:
+        raise ValueError(f"config: srlm.judge_samples must be > 0, got {cfg.srlm.judge_samples}")
     if cfg.sampling.temperature < 0:
         raise ValueError(f"config: sampling.temperature must be >= 0, got {cfg.sampling.temperature}")
 
@@ -236,6 +265,10 @@ _SECTIONS = {
     "SFT": ("sft", SFTConfig),
     "Sampling": ("sampling", SamplingConfig),
     "Reward": ("reward", RewardConfig),
+    "CREAM": ("cream", CreamConfig),
+    "SRLM": ("srlm", SRLMConfig),
+    "SeRA": ("sera", SeRAConfig),
+    "SCIR": ("scir", SCIRConfig),
     "DPO": ("dpo", DPOConfig),
     "Eval": ("eval", EvalConfig),
     "Mesh": ("mesh", MeshConfig),
@@ -300,7 +333,11 @@ def build_run_config() -> RunConfig:
         optim = made[optim_name](**{f.name: getattr(base.optim, f.name) for f in dataclasses.fields(OptimConfig) if not _is_bound(optim_name, f.name)})
         sections[attr] = dataclasses.replace(base, optim=optim)
     suite = made["Suite"]()
-    return RunConfig(**made["Run"](), suite=suite, **sections)
+    cfg = RunConfig(**made["Run"](), suite=suite, **sections)
+    from cream_jax import methods  # noqa: PLC0415 — the edge: the registry checks the method's own fields
+
+    methods.create(cfg)
+    return cfg
 
 
 def _is_bound(configurable: str, param: str) -> bool:

@@ -235,6 +235,7 @@ def scir_loss(
     divergence: str = "skl",
     eps: float = 1e-6,
     weight=None,
+    tie_tolerance: float = 0.0,
 ):
     """SCIR per-step objective on unlabeled pairs (y1, y2) [MEM: METHODS 5.2 is a reconstruction].
 
@@ -243,8 +244,9 @@ def scir_loss(
     - generative preference p_gen (the model as pairwise judge, e.g. ``judge.pairwise_preference``),
       clipped to [eps, 1 - eps]; it may carry gradients into the policy;
     - agreement mask: both probabilities strictly on the same side of 1/2 (recomputed every step,
-      no gradient). A tie (e.g. p_imp = 1/2 exactly while policy == reference at the first step)
-      counts as disagreement, so no label is imposed before the consistency term has acted;
+      no gradient). A tie, |Delta| <= ``tie_tolerance`` (e.g. while policy == reference at the first
+      step, where the two programs that computed the policy's and the reference's log-probs may differ
+      by rounding), counts as disagreement, so no label is imposed before the consistency term has acted;
     - L_pref = DPO loss on the agreed pairs with the agreed label (y1 preferred iff p_imp > 1/2),
       averaged over the agreed pairs;
     - L_cons = D(p_imp, p_gen): "skl" KL(p_imp||p_gen) + KL(p_gen||p_imp) =
@@ -265,6 +267,7 @@ def scir_loss(
       divergence: "skl" | "bce" | "mse".
       eps: clipping of p_gen before its logit.
       weight: optional [B] example weights (0 for padding rows); default all ones.
+      tie_tolerance: |Delta| at or below which the implicit preference is a tie (no agreement).
 
     Returns:
       (losses [B] float32, metrics dict). The per-example preference term is scaled by
@@ -289,7 +292,7 @@ def scir_loss(
 
     w = jnp.ones_like(delta) if weight is None else _f32(weight)
     w_sum = jnp.maximum(jnp.sum(w), 1e-12)
-    agree = jax.lax.stop_gradient(((delta > 0) & (p_gen > 0.5)) | ((delta < 0) & (p_gen < 0.5)))
+    agree = jax.lax.stop_gradient(((delta > tie_tolerance) & (p_gen > 0.5)) | ((delta < -tie_tolerance) & (p_gen < 0.5)))
     # Agreed label z = 1[p_imp > 1/2]: DPO on (y1, y2) if z else on (y2, y1), i.e. -log sigmoid(|Delta|).
     pref = -jax.nn.log_sigmoid(jnp.where(delta > 0, delta, -delta))
     n_agreed = jnp.sum(jnp.where(agree, w, 0.0))

@@ -44,12 +44,12 @@ BASE = "CREAM (dyn)"
 # name -> (gin files after configs/tiny_cpu.gin, extra bindings). Fixed before any result was seen.
 METHOD_CONFIGS: dict[str, tuple[list[str], list[str]]] = {
     BASE: (["configs/cream.gin"], []),
-    "CREAM (avg)": (["configs/cream.gin"], ["Reward.consistency_level = 'avg'"]),
+    "CREAM (avg)": (["configs/cream.gin"], ["CREAM.consistency_level = 'avg'"]),
     "SRLM": (["configs/srlm.gin"], []),
     # Added after the first table: the full rubric (~800 tokens) does not fit the tiny model's 256
     # positions nor SFT.max_len = 96, so the judge prompts above were cut and the EFT examples taught
     # nothing (see docs/results.md). This row gives SRLM a judge prompt that fits; nothing else changes.
-    "SRLM (compact judge)": (["configs/srlm.gin"], ["Reward.judge_template = 'compact'", "SFT.max_len = 224"]),
+    "SRLM (compact judge)": (["configs/srlm.gin"], ["SRLM.judge_template = 'compact'", "SFT.max_len = 224"]),
     "SeRA": (["configs/sera.gin"], []),
     "SCIR": (["configs/scir.gin"], []),
     "Oracle DPO": (["configs/dpo_oracle.gin"], []),

@@ -24,7 +24,9 @@
 # weighted by C (METHODS.md section 2.2 has the algorithm and section 2.3 the equations).
 #
 # This notebook runs one such iteration, one library call per stage, so you can look at every
-# intermediate array. The whole loop is `python -m cream_jax.train` (see README.md).
+# intermediate array. The calls are the loop's own (`cream_jax.loop`: rollout, log-prob table,
+# curate, trainer) and the method's hooks (`cream_jax.methods.cream`): the whole loop,
+# `python -m cream_jax.train` (see README.md), chains exactly these.
 #
 # **Model.** With a network connection, `MODEL` (an HF hub id of a LLaMA-architecture checkpoint,
 # or a local folder) is loaded with `cream_jax.models.hf.load_hf_llama`. Offline, or if the download
@@ -61,8 +63,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from cream_jax import config as config_lib
-from cream_jax import curate, sharding, steps, train
+from cream_jax import sharding, steps
 from cream_jax.data import pipeline
+from cream_jax.loop import curate, stages
+from cream_jax.loop.logprobs import LogProbTable
+from cream_jax.loop.rollout import make_rollout
 
 print("jax", jax.__version__, "devices:", jax.devices())
 
@@ -74,8 +79,8 @@ print("jax", jax.__version__, "devices:", jax.devices())
 # fetched with `huggingface_hub.snapshot_download` (safetensors and tokenizer files only) unless
 # `HF_HUB_OFFLINE=1`. Either way the SFT seed set and the prompts come from the embedded synthetic
 # suite (short arithmetic and multiple-choice questions); `Data.sft_path` and `Data.prompt_paths`
-# bind your own files instead (README.md). `train.setup` builds the mesh over all devices, loads
-# the tokenizer and M0's initial parameters.
+# bind your own files instead (README.md). `stages.setup` builds the mesh over all devices, loads
+# the tokenizer and M0's initial parameters, and picks the method (`run.method`, CREAM here).
 
 # %%
 def fetch_checkpoint(model: str) -> str | None:
@@ -153,91 +158,94 @@ else:
     ]
 config_lib.parse_gin([], bindings)
 cfg = config_lib.build_run_config()
-run, params0 = train.setup(cfg, tempfile.mkdtemp(prefix="cream_quickstart_"))
+run, params0 = stages.setup(cfg, tempfile.mkdtemp(prefix="cream_quickstart_"))
 print("model:", cfg.model.source, "|", run.model_config.num_hidden_layers, "layers,",
       run.model_config.hidden_size, "wide, vocab", run.model_config.vocab_size)
-print("mesh:", dict(run.mesh.shape))
+print("mesh:", dict(run.mesh.shape), "| method:", run.method.name)
 
 # %% [markdown]
 # ## 2. M0 and M1
 #
 # An HF checkpoint is M0 as loaded. The embedded tiny LLaMA starts from random weights, so it is
 # first pre-trained on the synthetic corpus. M1 is then M0 fine-tuned on the labeled seed set
-# (SFT on the response tokens only, METHODS section 0). Both go through `train.train_on_arrays`,
-# the trainer's own supervised loop.
+# (SFT on the response tokens only, METHODS section 0, plus the method's SFT additions: none for
+# CREAM). Both go through `run.trainer.train`, the loop's own trainer; `run.put_model` keeps them
+# on the mesh under the names the later stages ask for (M_k is "m{k}").
 
 # %%
+from cream_jax.loop import trainer
+
 if cfg.model.source == "embedded":
-    m0 = train.train_on_arrays(
-        run, name="pretrain", kind="lm", records=train.pretrain_records(run), optim=cfg.pretrain.optim,
-        params=params0, total_steps=cfg.pretrain.steps, progress_base={"stage": "pretrain"}, seed=cfg.seed,
+    m0 = run.trainer.train(
+        name="pretrain", loss_fn=steps.lm_loss, loss_key="lm", optim=cfg.pretrain.optim, params=params0,
+        records=trainer.pretrain_records(run.tokenizer, run.data.pretrain_texts, cfg.pretrain.seq_len),
+        total_steps=cfg.pretrain.steps, progress_base={"stage": "pretrain"}, seed=cfg.seed,
     )
 else:
     m0 = params0
-m1 = train.train_on_arrays(
-    run, name="sft", kind="lm", records=train.sft_records(run), optim=cfg.sft.optim, params=m0,
-    epochs=cfg.sft.epochs, progress_base={"stage": "sft"}, seed=cfg.seed + 1,
+sft_chats = run.data.sft + run.method.sft_examples(run.data.eft)
+m1 = run.trainer.train(
+    name="sft", loss_fn=steps.lm_loss, loss_key="lm", optim=cfg.sft.optim, params=m0,
+    records=trainer.sft_records(run.tokenizer, sft_chats, cfg.sft.max_len), epochs=cfg.sft.epochs,
+    progress_base={"stage": "sft"}, seed=cfg.seed + 1,
 )
-print(f"M0 and M1 ready ({len(run.data.sft)} SFT examples)")
+run.put_model("m0", m0)
+run.put_model("m1", m1)
+print(f"M0 and M1 ready ({len(sft_chats)} SFT examples)")
 
 # %% [markdown]
-# ## 3. Sample N responses per prompt with M1
+# ## 3. The rollout: N responses per prompt from M1
 #
 # The prompts of iteration 1 are rendered with the chat template (generation header included)
-# and left-padded; `curate.sample_responses` calls the jitted KV-cache sampler
-# (`cream_jax.sampling.generate`) and returns `tokens [B, R, S]` with a mask that ends at the first
-# end-of-turn token (METHODS 2.2 a).
+# and left-padded; `make_rollout` calls the jitted KV-cache sampler (`cream_jax.sampling.generate`)
+# and returns the rollout every later stage reads: `tokens [B, R, S]` with a mask that ends at the
+# first end-of-turn token (METHODS 2.2 a), the joined (prompt, response) rows and the texts.
 
 # %%
 pool = run.data.pools[0][:NUM_PROMPTS]
-prompt_ids, prompt_mask, n_truncated = pipeline.encode_prompts(
-    run.tokenizer, [p["messages"] for p in pool], cfg.data.max_prompt_len, on_overflow="truncate",
-)
-s = cfg.sampling
 key = jax.random.key(cfg.seed)
-tokens, tmask = curate.sample_responses(
-    run.model(m1), prompt_ids, prompt_mask, key=key, num_samples=s.num_samples,
-    max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-    tokens=run.tokens, batch_size=s.batch_size,
-)
-texts = curate.decode_responses(run.tokenizer, tokens, tmask)
-B, R = tokens.shape[:2]
-print(f"prompts B={B} (truncated: {n_truncated}), responses per prompt R={R}, tokens {tokens.shape}")
+rollout = make_rollout(run.model(m1), run.tokenizer, pool, key=key, sampling=cfg.sampling, data=cfg.data,
+                       tokens=run.tokens, t=1)
+B, R = rollout.shape
+print(f"prompts B={B} (truncated: {rollout.prompts_truncated}), responses per prompt R={R}, "
+      f"tokens {rollout.tokens.shape}")
 for i in range(2):
-    print(f"\nprompt {i}: {pool[i]['messages'][-1]['content']!r}")
-    for j, text in enumerate(texts[i]):
+    print(f"\nprompt {i}: {rollout.instructions[i]!r}")
+    for j, text in enumerate(rollout.texts[i]):
         print(f"  response {j}: {text!r}")
 
 # %% [markdown]
-# ## 4. Score every response under M1 and M0
+# ## 4. The log-prob table: each model the method names scores the rollout once
 #
-# Prompt and response are joined into one row per response (`[B * R, T]`), and
-# `curate.score_sequences` returns the summed log-probability of the response tokens (and their
-# count) in one jitted forward per batch. With the default reward reference M0 ("initial",
-# METHODS section 0) iteration 1 needs exactly these two forwards; the M1 log-probs double as
-# the DPO reference log-probs later, so no third forward is needed.
+# CREAM at t = 1 with the default reward reference M0 ("initial", METHODS section 0) names M1 and
+# M0: two forwards over the `[B * R, T]` joined rows, each returning the summed log-probability of
+# the response tokens. The M1 log-probs double as the DPO reference log-probs later, so no third
+# forward is needed. A method that does not rank with log-probs (SRLM's judge, the oracle) names
+# M_t alone.
 
 # %%
-seqs = pipeline.join_prompt_response(prompt_ids, prompt_mask, tokens, tmask)
-sb = cfg.reward.score_batch_size
-logp_m1, n_tokens = (x.reshape(B, R) for x in curate.score_sequences(run.model(m1), seqs, sb))
-logp_m0, _ = (x.reshape(B, R) for x in curate.score_sequences(run.model(m0), seqs, sb))
-valid = tmask.sum(-1) > 0  # [B, R] an empty response has no score
-print("log p_M1(y|x) of prompt 0:", np.round(logp_m1[0], 2))
-print("log p_M0(y|x) of prompt 0:", np.round(logp_m0[0], 2))
-print("response lengths of prompt 0:", n_tokens[0])
+method = run.method
+ctx = stages.iteration_context(run, 1, m1, jax.random.fold_in(key, 1), rollout)
+needed = method.models_to_score(1)
+logps = LogProbTable(rollout.seqs, rollout.shape, ctx.model, cfg.reward.score_batch_size).score(needed)
+print("models scored:", sorted(f"M{k}" for k in needed))
+print("log p_M1(y|x) of prompt 0:", np.round(logps[1][0], 2))
+print("log p_M0(y|x) of prompt 0:", np.round(logps[0][0], 2))
+print("response lengths of prompt 0:", logps.n_tokens[0])
 
 # %% [markdown]
 # ## 5. Rewards: the current ranking and the previous one
 #
-# The current reward is M1's DPO implicit reward `r = log p_M1(y|x) - log p_M0(y|x)` (no beta:
-# a ranking does not depend on it; METHODS 2.2 b). The previous model is M0 itself, which has no
+# `method.rewards` turns the table into the current reward, M1's DPO implicit reward
+# `r = log p_M1(y|x) - log p_M0(y|x)` (no beta: a ranking does not depend on it; METHODS 2.2 b),
+# and the same ranker one iteration earlier. The previous model is M0 itself, which has no
 # reference to form an implicit reward with, so its ranking is its length-normalised likelihood
 # `log p_M0(y|x) / |y|` (METHODS 2.2 c and 2.7-1).
 
 # %%
-r_now = curate.implicit_reward(logp_m1, logp_m0, n_tokens)  # [B, R]
-r_prev = curate.implicit_reward(logp_m0, None, n_tokens)  # [B, R]
+rewards = method.rewards(ctx, rollout, logps)
+r_now, r_prev = rewards.current, rewards.previous  # [B, R] each
+valid = rollout.valid  # [B, R] an empty response has no score
 print("r_now  (prompt 0):", np.round(r_now[0], 3))
 print("r_prev (prompt 0):", np.round(r_prev[0], 3))
 
@@ -245,14 +253,13 @@ print("r_prev (prompt 0):", np.round(r_prev[0], 3))
 # ## 6. Consistency per prompt
 #
 # `C_j = (tau_j + 1) / 2` with `tau_j` the Kendall tau-b of the two rankings of prompt j's responses
-# (METHODS 2.3; per prompt = the "dyn" level; tau-b handles tied rewards, METHODS section 0). A
+# (METHODS 2.3; per prompt = CREAM's "dyn" level; tau-b handles tied rewards, METHODS section 0). A
 # prompt where tau is undefined (fewer than two distinct valid rewards) gets the average of the
 # others.
 
 # %%
-rc = cfg.reward
 c, c_valid = curate.consistency_of(
-    r_now, r_prev, valid, method=rc.consistency_method, level=rc.consistency_level, ties=rc.ties,
+    r_now, r_prev, valid, method=cfg.reward.consistency_method, level=method.consistency_level, ties=cfg.reward.ties,
 )
 print("consistency C per prompt:", np.round(c, 3))
 print(f"mean C = {c[c_valid].mean():.3f} over {int(c_valid.sum())} prompts with a defined tau")
@@ -262,16 +269,21 @@ print(f"mean C = {c[c_valid].mean():.3f} over {int(c_valid.sum())} prompts with 
 #
 # For each prompt the best response under the *current* reward is chosen and the worst one
 # rejected (METHODS 2.2 e); prompts whose rewards are all tied, or whose responses are all
-# identical, are dropped. `curate.pair_records` gathers the kept pairs into the arrays the train
-# step reads, with M1's log-probs as the DPO reference and C as each pair's weight.
+# identical, are dropped. `method.select` decides which pairs train and with which soft label
+# (CREAM: every pair, at its C); `curate.pair_records` gathers them into the arrays the train
+# step reads, with M1's log-probs as the DPO reference. `curate.curate` is these steps in one call.
 
 # %%
-pairs = curate.build_pairs(r_now, valid, tokens, tmask)
-keep = np.asarray(pairs.keep)
-records = curate.pair_records(seqs, pairs, keep, logp_m1, c, R)
-margins = np.asarray(pairs.margin)[keep]
+pairs = curate.build_pairs(r_now, valid, rollout.tokens, rollout.token_mask)
+selection = method.select(ctx, rollout, rewards, pairs, c)
+records = curate.pair_records(rollout.seqs, selection.pairs, logps[1], selection.weight, R)
+keep = np.asarray(selection.pairs.keep)
+margins = np.asarray(selection.pairs.margin)[keep]
 print(f"pairs kept: {int(keep.sum())} of {B} prompts")
 print("reward margins of the kept pairs:", np.round(margins, 3))
+same_records, stats = curate.curate(method, ctx, rollout, logps)
+assert all(np.array_equal(records[k], same_records[k]) for k in records)
+print("drops by reason:", stats["pairs_dropped"])
 
 # %% [markdown]
 # ## 8. Plots: the consistency distribution and the reward margins
@@ -295,12 +307,14 @@ plt.show()
 # `sigmoid(Delta) = C`), so a pair whose two rankings are unrelated (C near 0.5) barely moves the
 # model, and a pair ranked in reverse by M0 (C < 0.5) is trained towards the reversed order.
 #
-# The step is the trainer's own jitted, sharded step (`cream_jax.steps`); all kept pairs form one
-# batch here, padded to a multiple of the mesh's batch axes (padding rows get weight 0).
+# The loss is the method's (`method.loss_fn`) inside the trainer's own jitted, sharded step
+# (`cream_jax.steps`); all kept pairs form one batch here, padded to a multiple of the mesh's batch
+# axes (padding rows get weight 0), and the same batch is stepped on several times to show the
+# loss falling. `run.trainer.train` would instead visit each pair once per epoch.
 
 # %%
 optim = cfg.dpo.optim
-loss_fn = steps.make_dpo_loss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing)
+loss_fn = method.loss_fn(run.tokenizer)
 optimizer = steps.make_optimizer(optim)
 state = steps.init_train_state(m1, optimizer, jax.random.key(cfg.seed))
 train_step = steps.make_train_step(loss_fn, run.graphdef, optimizer, run.mesh, steps.state_shardings(state),

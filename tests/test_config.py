@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from cream_jax import config as config_lib
-from cream_jax import sweep
+from cream_jax import methods, sweep
 
 
 def build(bindings=(), files=()):
@@ -33,7 +33,7 @@ def test_shipped_gin_files_parse():
     for path in sorted(root.glob("*.gin")):
         files = [str(root / "tiny_cpu.gin"), str(path)] if path.name != "llama3_8b.gin" else [str(path)]
         cfg = build(files=files)
-        assert cfg.method in config_lib.METHODS, path
+        assert cfg.method in methods.registered(), path
     assert build(files=[str(root / "tiny_cpu.gin"), str(root / "srlm.gin")]).method == "srlm"
 
 
@@ -61,8 +61,22 @@ def test_unknown_binding_and_syntax_errors(tmp_path):
 def test_invalid_values_name_the_field():
     with pytest.raises(ValueError, match=r"sampling.num_samples must be >= 2"):
         build(["Sampling.num_samples = 1"])
-    with pytest.raises(ValueError, match=r"reward.consistency_level='x'"):
-        build(["Reward.consistency_level = 'x'"])
+    with pytest.raises(ValueError, match=r"cream.consistency_level='x'"):
+        build(["CREAM.consistency_level = 'x'"])
+
+
+@pytest.mark.parametrize("bindings, message", [
+    (["DPO.loss_type = 'ipo'"], "method='cream' weights each pair by the soft label C, which only DPO.loss_type='sigmoid'"),
+    (["Run.method = 'scir'", "DPO.loss_type = 'hinge'"], "method='scir' trains with its own DPO (sigmoid) term"),
+    (["Run.method = 'sera'", "SeRA.ratio = 0.0"], "SeRA.ratio must be in (0, 1]"),
+    (["Run.method = 'sera'", "SeRA.ensemble_weight = 1.5"], "SeRA.ensemble_weight must be in [0, 1]"),
+    (["Run.method = 'scir'", "SCIR.tie_tolerance = -1.0"], "SCIR.tie_tolerance must be >= 0"),
+])
+def test_method_cross_field_errors_are_one_line(bindings, message):
+    with pytest.raises(ValueError) as e:
+        build(bindings)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    build([b for b in bindings if b.startswith("Run.")])  # the method alone is fine
 
 
 def test_fingerprint_changes_with_config():

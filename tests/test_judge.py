@@ -152,34 +152,34 @@ def test_pairwise_preference():
         judge.pairwise_preference(l12, l21[:, :5], t1, t2)
 
 
-def test_curate_judge_scores_expected_matches_per_prompt_forward(tok, model, caplog):
+def test_judge_scores_expected_matches_per_prompt_forward(tok, model, caplog):
     """The loop's "expected" read-out: greedy judgment, cut at "Score:", one jitted forward, compiled once."""
-    from cream_jax import curate  # noqa: PLC0415
+    from cream_jax.engine import host, judging  # noqa: PLC0415
 
     instructions, responses = ["Add 2 and 3.", "Say hi."], [["It is 5.", "6"], ["Hello there.", "Bye"]]
-    kwargs = dict(readout="expected", key=jax.random.key(0), tokens=curate.TokenSpec.from_tokenizer(tok), max_prompt_len=1400,
+    kwargs = dict(readout="expected", key=jax.random.key(0), tokens=host.TokenSpec.from_tokenizer(tok), max_prompt_len=1400,
                   max_judgment_tokens=6, num_judgments=1, batch_size=2)
     with caplog.at_level(logging.WARNING, logger="cream_jax"):
-        curate.judge_scores(model, tok, instructions, responses, **{**kwargs, "max_prompt_len": 300})
+        judging.judge_scores(model, tok, instructions, responses, **{**kwargs, "max_prompt_len": 300})
     assert "4 of 4 judge prompts were longer than 300 tokens" in caplog.text  # cut prompts are reported
-    scores, _ = curate.judge_scores(model, tok, instructions, responses, **kwargs)
+    scores, _ = judging.judge_scores(model, tok, instructions, responses, **kwargs)
     assert scores.shape == (2, 2) and np.all((scores >= 0) & (scores <= 5))
     # the reference: the same greedy judgments, each forced prompt run alone and unpadded
     flat_i = [q for q in instructions for _ in range(2)]
     flat_r = [a for row in responses for a in row]
-    enc = curate.encode_texts_left_padded(tok, judge.render_judge_prompts(tok, flat_i, flat_r), 1400)
-    gen, gen_mask = curate.sample_responses(model, enc["input_ids"], enc["attention_mask"], key=jax.random.key(0), num_samples=1,
+    enc = host.encode_texts_left_padded(tok, judge.render_judge_prompts(tok, flat_i, flat_r), 1400)
+    gen, gen_mask = host.sample_responses(model, enc["input_ids"], enc["attention_mask"], key=jax.random.key(0), num_samples=1,
                                             max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0,
                                             tokens=kwargs["tokens"], batch_size=2)
-    judgments = [t[0] for t in curate.decode_responses(tok, gen, gen_mask)]
+    judgments = [t[0] for t in host.decode_responses(tok, gen, gen_mask)]
     forced, ids, _ = judge.expected_score_prompts(tok, flat_i, flat_r, judgments)
     assert max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in forced) <= 1400  # nothing truncated
     for k, prompt in enumerate(forced):
         logits = np.asarray(model(jnp.asarray(tok(prompt, add_special_tokens=False, return_tensors="np")["input_ids"]))[0, -1])
         assert scores.reshape(-1)[k] == pytest.approx(_softmax_expectation(logits, ids), abs=1e-4)
-    readout = curate._expected_readout(nnx.split(model)[0])
+    readout = judging._expected_readout(nnx.split(model)[0])
     before = readout._cache_size()
-    again, _ = curate.judge_scores(model, tok, instructions, responses, **kwargs)
+    again, _ = judging.judge_scores(model, tok, instructions, responses, **kwargs)
     np.testing.assert_array_equal(again, scores)
     assert readout._cache_size() == before  # no new compilation for the same shapes
 

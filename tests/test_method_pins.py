@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 CASES = {
     "cream": None,  # the smoke run itself
     "cream_previous": (["Reward.reward_reference = 'previous'"], ("m0", "m1")),
-    "srlm": (["Run.method = 'srlm'", "Reward.judge_template = 'compact'"], ("m0",)),
-    "sera": (["Run.method = 'sera'", "Reward.sera_ensemble_weight = 0.5"], ("m0", "m1")),
+    "srlm": (["Run.method = 'srlm'", "SRLM.judge_template = 'compact'"], ("m0",)),
+    "sera": (["Run.method = 'sera'", "SeRA.ensemble_weight = 0.5"], ("m0", "m1")),
     "scir": (["Run.method = 'scir'"], ("m0", "m1")),
     "dpo_oracle": (["Run.method = 'dpo_oracle'"], ("m0", "m1")),
 }

@@ -101,7 +101,7 @@ def test_notebook_loads_a_local_hf_checkpoint(tmp_path):
     save_hf_llama(random_llama(config), config, str(folder))
     save_tiny_tokenizer(folder)
     nb = nbformat.read(NB_IPYNB, as_version=4)
-    last_setup = next(i for i, c in enumerate(nb.cells) if "train.setup(" in c.source)
+    last_setup = next(i for i, c in enumerate(nb.cells) if "stages.setup(" in c.source)
     nb.cells = nb.cells[: last_setup + 1]
     nb = execute(with_parameters(nb, f"MODEL = {str(folder)!r}"), tmp_path)
     text = text_of(nb)

@@ -49,7 +49,7 @@ def test_jobs_use_the_method_configs_and_share_m0_m1(tmp_path):
     assert len(jobs) == 2 * len(paper_table.METHOD_CONFIGS)
     by = {(j.method, j.seed): j for j in jobs}
     avg = by["CREAM (avg)", 1]
-    assert str(REPO / "configs" / "cream.gin") in avg.cmd and "Reward.consistency_level = 'avg'" in avg.cmd
+    assert str(REPO / "configs" / "cream.gin") in avg.cmd and "CREAM.consistency_level = 'avg'" in avg.cmd
     assert "Run.seed = 1" in avg.cmd and "Run.iterations = 3" in avg.cmd and "Eval.num_per_task = 8" in avg.cmd
     assert avg.copy_from == by[paper_table.BASE, 1].workdir and avg.copy_models == ("m0", "m1")
     assert by["SRLM", 0].copy_models == ("m0",)  # SRLM's M1 is SFT on IFT + EFT: its own

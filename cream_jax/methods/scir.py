@@ -1,0 +1,102 @@
+"""SCIR (METHODS.md section 5, a [MEM] reconstruction from the abstract): two internal reward
+models of M_t, the implicit DPO reward and a pairwise generative judge (the same model asked
+which response is better, both orders), are pushed to agree by a divergence penalty inside every
+step, and DPO trains only on the pairs they agree on (``losses.scir_loss``).
+
+The generative judge is trained to judge at stage M1: the seed SFT set gets pairwise EFT
+examples (``pairwise_eft_chats``). At the first step the policy equals its reference, so the
+implicit preference is an exact tie in theory; the log-probs of the reference (scoring program)
+and of the policy (train step) come from two programs whose float rounding differs, so a tie is
+|Delta| <= ``SCIR.tie_tolerance`` rather than Delta == 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cream_jax import judge, losses, scoring
+from cream_jax.engine.host import encode_texts_left_padded
+from cream_jax.methods.base import Method, register
+
+
+def pairwise_eft_chats(eft) -> list[list[dict]]:
+    """Pairwise judge-training chats (EFT-style, METHODS 3.1 applied to the pairwise template).
+
+    Each EFT example whose oracle score beats an off-topic answer (> 1 point) is paired with the
+    worked solution of another question of its task, which is exactly the suite's "off_topic" kind
+    (1 point by its rubric); both presentation orders, the verdict is the better one's position.
+    """
+    by_task: dict[str, list[dict]] = {}
+    for e in eft:
+        by_task.setdefault(e["task"], []).append(e)
+    chats = []
+    for items in by_task.values():
+        solutions = [e for e in items if e["kind"] == "correct"]
+        for e in items:
+            others = [s for s in solutions if s["instruction"] != e["instruction"]]
+            if e["score"] <= 1 or not others:
+                continue
+            foreign = others[len(chats) % len(others)]["response"]
+            for first, second, verdict in ((e["response"], foreign, "1"), (foreign, e["response"], "2")):
+                chats.append(judge.pairwise_judge_messages(e["instruction"], first, second)
+                             + [{"role": "assistant", "content": verdict}])
+    return chats
+
+
+@register
+class SCIR(Method):
+    name = "scir"
+
+    def validate(self):
+        if self.cfg.dpo.loss_type != "sigmoid":
+            raise ValueError(f"config: method='scir' trains with its own DPO (sigmoid) term; DPO.loss_type="
+                             f"{self.cfg.dpo.loss_type!r} would be ignored: leave it 'sigmoid'")
+        if self.cfg.scir.tie_tolerance < 0:
+            raise ValueError(f"config: SCIR.tie_tolerance must be >= 0, got {self.cfg.scir.tie_tolerance}")
+
+    def sft_examples(self, eft):
+        return pairwise_eft_chats(eft) if self.cfg.scir.eft_pairs else []
+
+    def extra_records(self, ctx, rollout, pairs):
+        """Pairwise judge prompts of every kept pair in both orders (the generative reward's input)."""
+        idx = np.nonzero(np.asarray(pairs.keep))[0]
+        chosen, rejected = np.asarray(pairs.chosen_idx), np.asarray(pairs.rejected_idx)
+        max_len = 4 * self.cfg.data.max_prompt_len + 2 * self.cfg.sampling.max_new_tokens
+        out = {}
+        for name, first, second in (("judge12", chosen, rejected), ("judge21", rejected, chosen)):
+            msgs = [(rollout.instructions[i], rollout.texts[i][int(first[i])], rollout.texts[i][int(second[i])]) for i in idx]
+            rendered = judge.render_pairwise_prompts(ctx.tokenizer, *zip(*msgs)) if msgs else []
+            enc = encode_texts_left_padded(ctx.tokenizer, rendered, max_len, what=f"SCIR pairwise judge prompts ({name})")
+            out[f"{name}_ids"], out[f"{name}_mask"] = enc["input_ids"], enc["attention_mask"]
+        return out
+
+    def loss_fn(self, tokenizer):
+        return make_scir_loss(self.cfg.dpo.beta, self.cfg.scir, judge.verdict_token_ids(tokenizer))
+
+
+def make_scir_loss(beta: float, scir_cfg, verdict_ids: tuple[int, int]):
+    """The SCIR step loss: the generative preference comes from the same policy judging both orders
+    of the pair inside the step, so the consistency term is differentiable in both reward models."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    def loss_fn(graphdef, params, batch):
+        model = nnx.merge(graphdef, params)
+        ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)  # (2B, T)
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+        resp = jnp.concatenate([batch["chosen_resp"], batch["rejected_resp"]], axis=0)
+        sum_logp, _ = scoring.response_logprobs(model(ids, mask), ids, resp)  # (2B,)
+        b = batch["chosen_ids"].shape[0]
+        logits_12 = model(batch["judge12_ids"], batch["judge12_mask"])[:, -1]  # (B, V)
+        logits_21 = model(batch["judge21_ids"], batch["judge21_mask"])[:, -1]  # (B, V)
+        p_gen = judge.pairwise_preference(logits_12, logits_21, *verdict_ids)  # (B,) p(y1 better)
+        w = batch["weight"]
+        per_pair, m = losses.scir_loss(
+            sum_logp[:b], sum_logp[b:], batch["ref_chosen"], batch["ref_rejected"], p_gen, beta=beta,
+            alpha=scir_cfg.alpha, gamma=scir_cfg.gamma, divergence=scir_cfg.divergence,
+            tie_tolerance=scir_cfg.tie_tolerance, weight=w,
+        )
+        loss = jnp.sum(per_pair * w) / jnp.maximum(jnp.sum(w), 1.0)
+        return loss, {"loss": loss, **{k: jnp.mean(v) for k, v in m.items()}}
+
+    return loss_fn
