@@ -129,7 +129,7 @@ def curate(method: Any, ctx: Any, rollout: Rollout, logps: LogProbTable, *, num_
         "pairs_dropped": {k.removeprefix("pairs/dropped_"): v for k, v in counts.items() if k != "pairs/kept"},
         "prompts": b, "prompts_truncated": rollout.prompts_truncated,
         "reward_accuracy": reward_acc, "reward_accuracy_pairs": reward_acc_pairs,
-        "judge_parse_failures": rw.judge_parse_failures, "seconds": timings,
+        "judge_parse_failures": rw.judge_parse_failures, "method": {**rw.stats, **sel.stats}, "seconds": timings,
         "oracle_mean": None if ctx.oracle is None else float(ctx.oracle[valid].mean()) if valid.any() else None,
         "scored_models": sorted(f"M{k}" for k in logps.scored),
         "samples": [{"prompt": rollout.instructions[i], "responses": rollout.texts[i], "rewards": r_now[i].tolist(),

@@ -412,7 +412,8 @@ def _run_iteration(run: Run, t: int, policy: Any, it_key: jax.Array, res: dict |
            "consistency": None if stats["consistency"]["mean"] is None else  # no self-ranker (the oracle)
            {"mean": stats["consistency"]["mean"], "std": stats["consistency"]["std"]},
            "pairs_kept": stats["pairs_kept"], "pairs_dropped": stats["pairs_dropped"],
-           "scored_models": stats["scored_models"], "prompts": stats["prompts"], "seconds": seconds,
+           "scored_models": stats["scored_models"], "prompts": stats["prompts"], "method": stats.get("method", {}),
+           "seconds": seconds,
            "compiles": COMPILES.count - compiles_before}
     run.results.append(row)
     metrics.log_samples(run.workdir, t, stats["samples"] + [{"eval": s} for s in samples])

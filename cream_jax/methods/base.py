@@ -72,12 +72,15 @@ class Rewards:
       ranker: [B, R] the ranker at t compared with ``previous`` when ``current`` is not it (SeRA's
         ensemble mixes r_{t-1} into the pair ranking); None: ``current``.
       judge_parse_failures: judgments whose score did not parse (LLM-as-a-judge rewards).
+      stats: the method's own statistics of the iteration (JSON-ready), written to the iteration's
+        row of results.json under "method" (with :attr:`Selection.stats`).
     """
 
     current: np.ndarray
     previous: np.ndarray | None
     ranker: np.ndarray | None = None
     judge_parse_failures: int = 0
+    stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +92,13 @@ class Selection:
         others were dropped).
       weight: [B] float32 soft label c of each pair: the loss is c * L(y+, y-) + (1 - c) * L(y-, y+)
         (1 = plain DPO; CREAM's consistency C).
+      stats: the method's own statistics of its selection (JSON-ready), merged over
+        :attr:`Rewards.stats` into results.json's "method" entry.
     """
 
     pairs: Pairs
     weight: np.ndarray
+    stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Method:
