@@ -11,7 +11,7 @@ sections were constructed with those bindings applied.
 
 Sections and their gin names:
   Model, Suite, Data, Pretrain, SFT, Sampling, Reward (shared by every method), CREAM, SRLM, SeRA,
-  SCIR (one per method), DPO, Eval, Mesh, Run
+  SCIR, LengthControl, MetaRewarding (one per method), DPO, Eval, Mesh, Run
 """
 
 from __future__ import annotations
@@ -144,6 +144,30 @@ class SCIRConfig:
 
 
 @dataclass(frozen=True)
+class LengthControlConfig:
+    """Length-controlled reward (methods/length_control.py): the base method's current reward minus
+    alpha x response tokens; alpha searched per iteration (sail-sg/dice's sweep) or fixed."""
+
+    base: str = "cream"  # the method whose reward is length-controlled (any registered one)
+    alpha: float | None = None  # None: searched each iteration so the pairs' mean length gap is ~0
+    alpha_max: float = 1.0  # the search sweeps alpha = 0, alpha_step, ... below alpha_max
+    alpha_step: float = 0.001
+
+
+@dataclass(frozen=True)
+class MetaRewardingConfig:
+    """Meta-Rewarding (methods/meta_rewarding.py, Wu et al. 2024): M_t judges its responses and
+    its own judgments; DPO on actor pairs plus judge pairs."""
+
+    judge_template: str = "additive"  # "additive" | "compact" (as SRLM.judge_template)
+    judge_samples: int = 3  # K sampled judgments per response
+    score_readout: str = "parsed"  # "parsed" ("Score: k", the paper) | "expected" (sum_k k p(k) after the judgment)
+    max_judgment_tokens: int = 48
+    max_judge_share: float = 0.5  # cap on judge pairs / all pairs in every train batch, in [0, 0.5]
+    eft: bool = True  # M1 also learns to judge (SRLM's EFT examples)
+
+
+@dataclass(frozen=True)
 class DPOConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -187,6 +211,8 @@ class RunConfig:
     srlm: SRLMConfig = SRLMConfig()
     sera: SeRAConfig = SeRAConfig()
     scir: SCIRConfig = SCIRConfig()
+    length_control: LengthControlConfig = LengthControlConfig()
+    meta_rewarding: MetaRewardingConfig = MetaRewardingConfig()
     dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
@@ -203,6 +229,8 @@ _CHOICES = {
     "srlm.judge_readout": ("expected", "sample"),
     "srlm.judge_template": ("additive", "compact"),
     "scir.divergence": ("skl", "bce", "mse"),
+    "meta_rewarding.judge_template": ("additive", "compact"),
+    "meta_rewarding.score_readout": ("parsed", "expected"),
     "dpo.loss_type": ("sigmoid", "ipo", "hinge", "simpo"),
     "model.dtype": ("float32", "bfloat16"),
     "data.on_overflow": ("truncate", "error"),
@@ -269,6 +297,8 @@ _SECTIONS = {
     "SRLM": ("srlm", SRLMConfig),
     "SeRA": ("sera", SeRAConfig),
     "SCIR": ("scir", SCIRConfig),
+    "LengthControl": ("length_control", LengthControlConfig),
+    "MetaRewarding": ("meta_rewarding", MetaRewardingConfig),
     "DPO": ("dpo", DPOConfig),
     "Eval": ("eval", EvalConfig),
     "Mesh": ("mesh", MeshConfig),
