@@ -22,13 +22,17 @@ RECORD = os.environ.get("CREAM_JAX_RECORD_PINS") == "1"
 REL = 1e-4
 pytestmark = pytest.mark.slow
 
-# name -> (gin bindings, models copied from the smoke run: SRLM's M1 is trained on its own SFT+EFT data)
+# name -> (gin bindings, models copied from the smoke run: SRLM's and SCIR's M1 are trained on their own
+# SFT additions)
 CASES = {
     "cream": None,  # the smoke run itself
     "cream_previous": (["Reward.reward_reference = 'previous'"], ("m0", "m1")),
+    # Each pair once per epoch: 16 pairs in batches of 6 (the third padded with 2 zero-weight rows), 2 epochs.
+    "cream_padded_epochs": (["DPO.epochs = 2", "DPOOptim.batch_size = 6", "Run.iterations = 1"], ("m0", "m1")),
     "srlm": (["Run.method = 'srlm'", "SRLM.judge_template = 'compact'"], ("m0",)),
     "sera": (["Run.method = 'sera'", "SeRA.ensemble_weight = 0.5"], ("m0", "m1")),
-    "scir": (["Run.method = 'scir'"], ("m0", "m1")),
+    # SCIR's M1 also learns the pairwise judge: its EFT pairs need 288 positions of the embedded tokenizer.
+    "scir": (["Run.method = 'scir'", "SFT.max_len = 288", "Model.max_position_embeddings = 320"], ("m0",)),
     "dpo_oracle": (["Run.method = 'dpo_oracle'"], ("m0", "m1")),
 }
 
@@ -42,7 +46,7 @@ def pinned_numbers(workdir: Path) -> dict:
         t = row["iteration"]
         out[f"{t}/accuracy"] = row["accuracy"]
         for key in ("reward_accuracy", "reward_accuracy_pairs", "judge_parse_failures", "consistency",
-                    "pairs_kept", "pairs_tied"):
+                    "pairs_kept", "pairs_dropped", "scored_models"):
             if key in row:
                 out[f"{t}/{key}"] = row[key]
     last = {}

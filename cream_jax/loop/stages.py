@@ -396,7 +396,7 @@ def _run_iteration(run: Run, t: int, policy: Any, it_key: jax.Array, res: dict |
         name=f"iter{t}/train", loss_fn=run.method.loss_fn(run.tokenizer), loss_key=("preference", cfg.method),
         records=records, optim=cfg.dpo.optim, params=policy, epochs=cfg.dpo.epochs,
         progress_base={"stage": "iteration", "iteration": t, "curate_stats": stats}, resume=res,
-        seed=cfg.seed + 100 + t, exact_epochs=False)
+        seed=cfg.seed + 100 + t, exact_epochs=True)
     train_seconds = time.perf_counter() - tic
     tic = time.perf_counter()
     acc, samples = evaluate_model(run, new_policy, jax.random.fold_in(it_key, 1))
