@@ -28,6 +28,8 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 _KERNELS: dict[Any, Callable] = {}
 # Decode steps per segment (see _kernel): each segment is one compiled copy of the decode step.
 _SEGMENT = 16
+# Rejection rounds of the top-p draw before the rows still rejected fall back to a full sort.
+_TOP_P_ROUNDS = 8
 
 
 class _Static(NamedTuple):
@@ -42,6 +44,17 @@ class _Static(NamedTuple):
     pad_id: int
 
 
+def _top_p_by_sort(logits_bv: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-p over a full sort of V (the reference rule; see :func:`_in_nucleus`); removed tokens get -inf."""
+    # Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays if
+    # the mass of the tokens strictly more likely than it is below top_p (so the top one stays).
+    sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    keep_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv < top_p
+    cutoff_b1 = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
+
+
 def _filter_logits(logits_bv: jax.Array, temperature: jax.Array, top_p: jax.Array, s: _Static) -> jax.Array:
     """Temperature, top-k and top-p as transformers' warpers apply them; removed tokens get -inf."""
     logits_bv = logits_bv / temperature
@@ -49,29 +62,24 @@ def _filter_logits(logits_bv: jax.Array, temperature: jax.Array, top_p: jax.Arra
         kth_b1 = jax.lax.top_k(logits_bv, s.top_k)[0][:, -1:]
         logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
     if s.use_top_p:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays if
-        # the mass of the tokens strictly more likely than it is below top_p (so the top one stays).
-        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
-        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-        keep_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv < top_p
-        cutoff_b1 = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
-        logits_bv = jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
+        logits_bv = _top_p_by_sort(logits_bv, top_p)
     return logits_bv
 
 
-def _sample(weights_bv: jax.Array, key: jax.Array) -> jax.Array:
-    """One draw per row from unnormalised weights [B,V] (zeros are never drawn): inverse CDF, two-level.
-
-    One uniform per row picks a block of ~sqrt(V) tokens from the block sums, then a token inside
-    the block. ``jax.random.categorical`` draws V Gumbel variates per row and a flat cumsum is
-    O(V * window) on CPU; at V = 512 this is 4-18x faster, at V = 32000 5-20x (bench/README.md).
-    """
+def _cdf_tables(weights_bv: jax.Array):
+    """Block tables of unnormalised weights [B,V] for :func:`_draw` (built once, drawn from many times)."""
     B, V = weights_bv.shape
     b = max(8, 1 << math.ceil(math.log2(math.isqrt(V))))  # block size, a power of two >= sqrt(V)
     nb = -(-V // b)
     w_bnk = jnp.pad(weights_bv, ((0, 0), (0, nb * b - V))).reshape(B, nb, b)
     bsum_bn = jnp.sum(w_bnk, axis=-1)
-    bcdf_bn = jnp.cumsum(bsum_bn, axis=-1)
+    return w_bnk, bsum_bn, jnp.cumsum(bsum_bn, axis=-1)
+
+
+def _draw(tables, key: jax.Array) -> jax.Array:
+    """One inverse-CDF draw per row from :func:`_cdf_tables` (zero weights are never drawn)."""
+    w_bnk, bsum_bn, bcdf_bn = tables
+    B, nb, b = w_bnk.shape
     u_b1 = jax.random.uniform(key, (B, 1), jnp.float32) * bcdf_bn[:, -1:]
     # Item i is drawn iff cdf[i-1] <= u < cdf[i]; the clamps guard float rounding at the top end
     # so that a zero-weight block or token is never returned.
@@ -84,11 +92,71 @@ def _sample(weights_bv: jax.Array, key: jax.Array) -> jax.Array:
     return (block_b * b + token_b).astype(jnp.int32)
 
 
+def _sample(weights_bv: jax.Array, key: jax.Array) -> jax.Array:
+    """One draw per row from unnormalised weights [B,V] (zeros are never drawn): inverse CDF, two-level.
+
+    One uniform per row picks a block of ~sqrt(V) tokens from the block sums, then a token inside
+    the block. ``jax.random.categorical`` draws V Gumbel variates per row and a flat cumsum is
+    O(V * window) on CPU; at V = 512 this is 4-18x faster, at V = 32000 5-20x (bench/README.md).
+    """
+    return _draw(_cdf_tables(weights_bv), key)
+
+
+def _mass_above(logits_bv: jax.Array, weights_bv: jax.Array, token_b: jax.Array) -> jax.Array:
+    """[B] unnormalised mass of the tokens strictly more likely than ``token_b`` (one pass over V)."""
+    logit_b1 = jnp.take_along_axis(logits_bv, token_b[:, None], axis=-1)
+    return jnp.sum(jnp.where(logits_bv > logit_b1, weights_bv, 0.0), axis=-1)
+
+
+def _in_nucleus(logits_bv: jax.Array, weights_bv: jax.Array, token_b: jax.Array, top_p: jax.Array) -> jax.Array:
+    """[B] bool: ``token_b`` survives top-p, i.e. the mass strictly more likely than it is below top_p.
+
+    The same rule as the full sort in :func:`_filter_logits` (and transformers' TopPLogitsWarper):
+    the tokens kept are the smallest most-likely set whose mass reaches top_p, ties at the cut kept.
+    """
+    return _mass_above(logits_bv, weights_bv, token_b) < top_p * jnp.sum(weights_bv, axis=-1)
+
+
+def _sample_top_p(logits_bv: jax.Array, key: jax.Array, top_p: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits) restricted to its top-p nucleus, without sorting V.
+
+    Rejection sampling: draw from the whole distribution and accept the token iff it is in the
+    nucleus (:func:`_in_nucleus`, one pass over V); rejected rows draw again. An accepted draw is
+    distributed exactly as the renormalised nucleus, and the nucleus holds mass >= top_p, so each
+    round accepts with probability >= top_p whatever the distribution (a sort of 64 x 49k logits
+    took 0.8-1.3 s per step on this CPU; a round takes a few ms). Rows still rejected after
+    ``_TOP_P_ROUNDS`` rounds (likely only for small top_p) draw from the full-sort filter.
+    """
+    weights_bv = jnp.exp(logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True))
+    tables = _cdf_tables(weights_bv)
+    bound_b = top_p * jnp.sum(weights_bv, axis=-1)
+
+    def body(carry):
+        i, token_b, need_b = carry
+        cand_b = _draw(tables, jax.random.fold_in(key, i))
+        ok_b = _mass_above(logits_bv, weights_bv, cand_b) < bound_b
+        return i + 1, jnp.where(need_b & ok_b, cand_b, token_b), need_b & ~ok_b
+
+    B = logits_bv.shape[0]
+    start = (jnp.int32(0), jnp.zeros((B,), jnp.int32), jnp.ones((B,), bool))
+    _, token_b, need_b = jax.lax.while_loop(lambda c: (c[0] < _TOP_P_ROUNDS) & jnp.any(c[2]), body, start)
+
+    def sorted_draw():
+        kept_bv = _top_p_by_sort(logits_bv, top_p)
+        drawn_b = _sample(jnp.exp(kept_bv - jnp.max(kept_bv, axis=-1, keepdims=True)),
+                          jax.random.fold_in(key, _TOP_P_ROUNDS))
+        return jnp.where(need_b, drawn_b, token_b)
+
+    return jax.lax.cond(jnp.any(need_b), sorted_draw, lambda: token_b)
+
+
 def _next_token(logits_bv, key, temperature, top_p, s: _Static) -> jax.Array:
     """Greedy argmax, or one draw per row from softmax(filtered logits)."""
     if s.greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    logits_bv = _filter_logits(logits_bv, temperature, top_p, s)
+    logits_bv = _filter_logits(logits_bv, temperature, top_p, s._replace(use_top_p=False))
+    if s.use_top_p:
+        return _sample_top_p(logits_bv, key, top_p)
     return _sample(jnp.exp(logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True)), key)  # filtered -> 0
 
 

@@ -1,6 +1,6 @@
 """Per-token and per-sequence log-probabilities of responses under a causal LM.
 
-Shape letters: B batch, T time, V vocab.
+Shape letters: B batch, T time, C chunks of time, D embed, V vocab.
 
 ``logp_theta(y|x) = sum_{t in S(y)} log pi_theta(tok_t | tok_<t)`` (METHODS.md section 1), where the
 scored set S(y) is given by ``response_mask``; the length-normalised log-prob is ``sum / n``.
@@ -9,6 +9,7 @@ scored set S(y) is given by ``response_mask``; the length-normalised log-prob is
 from __future__ import annotations
 
 import collections
+import math
 from typing import Any, Callable
 
 import jax
@@ -18,6 +19,8 @@ from flax import nnx
 # Number of times each jitted entry point was traced (tests check that repeated calls do not retrace).
 TRACE_COUNTS: collections.Counter = collections.Counter()
 _SCORERS: dict[Any, Callable] = {}
+# Most bytes of float32 logits one time chunk of the scorer holds at once (see chunked_response_logprobs).
+LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
 def gather_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
@@ -56,17 +59,60 @@ def response_logprobs(logits: jax.Array, input_ids: jax.Array, response_mask: ja
     return jnp.sum(logp_bt * mask_bt, axis=1), jnp.sum(mask_bt, axis=1).astype(jnp.int32)
 
 
+def chunked_response_logprobs(logits_fn: Callable[[jax.Array], jax.Array], h_btd: jax.Array, input_ids: jax.Array,
+                              response_mask: jax.Array, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """:func:`response_logprobs` from final hidden states, never holding the whole [B,T,V] logits.
+
+    The T-1 predicting positions are cut into chunks of ``chunk`` steps; ``lax.map`` runs the LM
+    head and the logsumexp of one chunk at a time, so at most [B, chunk, V] float32 logits exist
+    (64 x 256 tokens at vocab 49k: 3.2 GB of logits, 9.6 GB peak when materialised; Llama-3's
+    128k vocabulary would not fit at all). Same sums as the unchunked path up to float rounding.
+
+    Args:
+      logits_fn: hidden states [..., D] -> float32 logits [..., V] (``Llama.logits``).
+      h_btd: [B,T,D] final hidden states of ``input_ids``.
+      input_ids: [B,T] int tokens.
+      response_mask: [B,T] as in :func:`response_logprobs` (column 0 never counts).
+      chunk: time steps per chunk; default: as many as fit ``LOGITS_CHUNK_BYTES`` of logits.
+
+    Returns:
+      (sum_logp [B] float32, n_tokens [B] int32).
+    """
+    B, T, _ = h_btd.shape
+    if chunk is None:
+        V = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((1, h_btd.shape[-1]), h_btd.dtype)).shape[-1]
+        chunk = max(1, LOGITS_CHUNK_BYTES // (4 * B * V))
+    chunk = min(chunk, T - 1) if T > 1 else 1
+    C = math.ceil((T - 1) / chunk)
+    pad = C * chunk - (T - 1)
+    # Position j predicts token j + 1; the padded tail positions have mask 0.
+    h_cbtd = jnp.pad(h_btd[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(B, C, chunk, -1).transpose(1, 0, 2, 3)
+    targets_cbt = jnp.pad(input_ids[:, 1:], ((0, 0), (0, pad))).reshape(B, C, chunk).transpose(1, 0, 2)
+    mask_bt = jnp.pad(response_mask[:, 1:].astype(jnp.float32), ((0, 0), (0, pad)))
+
+    def chunk_logp(args):
+        h_btd, targets_bt = args
+        logits_btv = logits_fn(h_btd).astype(jnp.float32)
+        picked_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+        return picked_bt - jax.nn.logsumexp(logits_btv, axis=-1)
+
+    logp_bt = jax.lax.map(chunk_logp, (h_cbtd, targets_cbt)).transpose(1, 0, 2).reshape(B, C * chunk)
+    return jnp.sum(logp_bt * mask_bt, axis=1), jnp.sum(mask_bt, axis=1).astype(jnp.int32)
+
+
 def _scorer(graphdef: Any) -> Callable:
-    fn = _SCORERS.get(graphdef)
+    key = (graphdef, LOGITS_CHUNK_BYTES)
+    fn = _SCORERS.get(key)
     if fn is None:
 
         @jax.jit
         def fn(state, input_ids, attention_mask, response_mask):
             TRACE_COUNTS["sequence_logprobs"] += 1
-            logits_btv = nnx.merge(graphdef, state)(input_ids, attention_mask)
-            return response_logprobs(logits_btv, input_ids, response_mask)
+            model = nnx.merge(graphdef, state)
+            h_btd, _ = model.hidden_states(input_ids, attention_mask)
+            return chunked_response_logprobs(model.logits, h_btd, input_ids, response_mask)
 
-        _SCORERS[graphdef] = fn
+        _SCORERS[key] = fn
     return fn
 
 
@@ -74,10 +120,12 @@ def sequence_logprobs(model: nnx.Module, input_ids: jax.Array, attention_mask: j
                       response_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed response log-probs under ``model`` in one jitted forward.
 
-    Compiled once per (model graph, input shapes and shardings); inputs may be sharded on a mesh.
+    The LM head runs over time chunks (:func:`chunked_response_logprobs`): the [B,T,V] logits are
+    never materialised. Compiled once per (model graph, input shapes and shardings); inputs may be sharded on a mesh.
 
     Args:
-      model: a causal LM called as ``model(input_ids, attention_mask) -> logits [B,T,V]``.
+      model: a causal LM with ``hidden_states(input_ids, attention_mask) -> (h [B,T,D], _)`` and
+        ``logits(h) -> [..., V]`` (:class:`~cream_jax.models.llama.Llama`).
       input_ids: [B,T] int32 prompt + response tokens.
       attention_mask: [B,T] 1 for real tokens, 0 for padding (left and/or right).
       response_mask: [B,T] 1 for the scored response tokens.

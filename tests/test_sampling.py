@@ -136,24 +136,76 @@ def _chi2_pvalue(counts, probs):
     return scipy.stats.chisquare(obs[keep], exp[keep]).pvalue
 
 
-def test_first_token_distribution_matches_softmax():
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.5, 6, 1.0), (0.7, 0, 0.6), (0.8, 10, 0.9)])
+def test_first_token_distribution_matches_filtered_softmax(temperature, top_k, top_p):
     cfg = LlamaConfig(**{**TINY_LLAMA, "vocab_size": 16})
     model = random_llama(cfg, seed=3, std=0.1)
     ids, mask = np.array([[0, 0, 4, 7, 9]], np.int32), np.array([[0, 0, 1, 1, 1]], np.int32)
     logits = np.asarray(forward(model, ids, mask))[0, -1].astype(np.float64)
-    temperature, top_k = 0.5, 6
     toks, _ = sampling.generate(model, ids, mask, key=jax.random.key(42), num_samples=4000, max_new_tokens=1,
-                                temperature=temperature, top_k=top_k, eos_id=15, pad_id=0)
+                                temperature=temperature, top_k=top_k, top_p=top_p, eos_id=15, pad_id=0)
     counts = np.bincount(np.asarray(toks).ravel(), minlength=16)
-    z = logits / temperature
-    z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
-    assert counts[np.isinf(z)].sum() == 0
+    z = _reference_filter(logits[None], temperature, top_k, top_p)[0]
+    assert counts[np.isinf(z)].sum() == 0 and np.isinf(z).any()
     probs = np.exp(z - z.max())
     assert _chi2_pvalue(counts, probs / probs.sum()) > 1e-3
-    # Power checks: without the temperature, or without top-k, the counts are rejected.
+    # Power checks: without the temperature, or without the filters, the counts are rejected.
     for wrong in (np.where(np.isinf(z), -np.inf, logits), logits / temperature):
         p = np.exp(wrong - wrong.max())
         assert _chi2_pvalue(counts, p / p.sum()) < 1e-3
+
+
+def _reference_filter(logits, temperature, top_k, top_p):
+    """Temperature, top-k, then top-p by a full float64 sort of each row (the rule transformers applies)."""
+    z = logits.astype(np.float64) / temperature
+    if top_k:
+        z = np.where(z < np.sort(z, axis=-1)[:, -top_k:][:, :1], -np.inf, z)
+    for row in z:
+        order = np.argsort(-row, kind="stable")
+        p = np.exp(row[order] - row[order[0]])
+        p /= p.sum()
+        above = np.cumsum(p) - p  # mass strictly more likely (first of a tied group: exactly that)
+        cutoff = row[order][above < top_p].min()
+        row[row < cutoff] = -np.inf
+    return z
+
+
+@pytest.mark.parametrize("scale, top_p", [(0.3, 0.95), (4.0, 0.95), (2.0, 0.5), (1.0, 0.999)])
+def test_nucleus_membership_equals_full_sort(scale, top_p):
+    # Flat (nucleus ~ the whole vocabulary) and peaked rows; ties at the cut are kept.
+    rng = np.random.default_rng(int(scale * 10))
+    logits = (rng.normal(0, scale, size=(8, 300))).astype(np.float32)
+    logits[:, 50:60] = logits[:, 50:51]  # a tied group
+    ref_kept = ~np.isinf(_reference_filter(logits, 1.0, 0, top_p))
+    sort_kept = ~np.isinf(np.asarray(sampling._top_p_by_sort(jnp.asarray(logits), jnp.float32(top_p))))
+    np.testing.assert_array_equal(sort_kept, ref_kept)
+    lj = jnp.asarray(logits)
+    w = jnp.exp(lj - jnp.max(lj, axis=-1, keepdims=True))
+    member = jax.vmap(lambda t: sampling._in_nucleus(lj, w, jnp.full((8,), t, jnp.int32), jnp.float32(top_p)),
+                      out_axes=1)(jnp.arange(300))
+    np.testing.assert_array_equal(np.asarray(member), ref_kept)
+    assert 1 < ref_kept.sum(1).min() and ref_kept.sum(1).max() < 300
+
+
+@pytest.mark.parametrize("rounds", [8, 0])
+def test_top_p_rejection_draw_matches_nucleus(monkeypatch, rounds):
+    # rounds=0: every row takes the full-sort fallback; 8: rejection (a flat row accepts ~top_p).
+    monkeypatch.setattr(sampling, "_TOP_P_ROUNDS", rounds)
+    rng = np.random.default_rng(5)
+    logits = np.stack([rng.normal(0, 0.3, 40), rng.normal(0, 1.5, 40)]).astype(np.float32)
+    top_p = 0.7
+    keys = jax.random.split(jax.random.key(rounds), 6000)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: sampling._sample_top_p(jnp.asarray(logits), k, jnp.float32(top_p))))(keys))
+    z = _reference_filter(logits, 1.0, 0, top_p)
+    assert 3 < (~np.isinf(z)).sum(1).min() and (~np.isinf(z)).sum(1).max() < 40
+    for row in range(2):
+        counts = np.bincount(draws[:, row], minlength=40)
+        assert counts[np.isinf(z[row])].sum() == 0
+        p = np.exp(z[row] - z[row].max())
+        assert _chi2_pvalue(counts, p / p.sum()) > 1e-3
+    # Same key, same draws.
+    again = jax.jit(lambda k: sampling._sample_top_p(jnp.asarray(logits), k, jnp.float32(top_p)))(keys[0])
+    np.testing.assert_array_equal(np.asarray(again), draws[0])
 
 
 def test_bad_arguments(tiny):

@@ -49,8 +49,25 @@ def tiny(tmp_path_factory):
     return hf, model, cfg
 
 
-def test_sequence_logprobs_match_transformers_and_do_not_retrace(tiny):
+@pytest.mark.parametrize("chunk", [1, 4, 200])
+def test_chunked_response_logprobs_equal_unchunked(tiny, chunk):
+    # 200 >= T: one chunk; 4 does not divide the T - 1 = 11 predicting positions: a padded tail.
+    _, model, cfg = tiny
+    ids, mask = mixed_padding_batch(cfg.vocab_size, seed=3)
+    rmask = (np.random.default_rng(4).random(ids.shape) < 0.6).astype(np.int32) * mask
+    h, _ = model.hidden_states(jnp.asarray(ids), jnp.asarray(mask))
+    total, n = scoring.chunked_response_logprobs(model.logits, h, jnp.asarray(ids), jnp.asarray(rmask), chunk=chunk)
+    ref_total, ref_n = scoring.response_logprobs(model.logits(h), jnp.asarray(ids), jnp.asarray(rmask))
+    np.testing.assert_allclose(np.asarray(total), np.asarray(ref_total), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(n), np.asarray(ref_n))
+
+
+@pytest.mark.parametrize("chunks", ["one", "several"])
+def test_sequence_logprobs_match_transformers_and_do_not_retrace(tiny, monkeypatch, chunks):
     hf, model, cfg = tiny
+    if chunks == "several":  # a logits budget of 3 time steps: 4 chunks over the 11 positions
+        monkeypatch.setattr(scoring, "LOGITS_CHUNK_BYTES", 4 * 3 * len(mixed_padding_batch(cfg.vocab_size)[0])
+                            * cfg.vocab_size)
     # Rows: left pad + prompt + response, plus right padding; the response is the tail of the real tokens.
     ids, mask = mixed_padding_batch(cfg.vocab_size, seed=9)
     rmask = np.zeros_like(mask)
