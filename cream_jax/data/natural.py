@@ -101,10 +101,10 @@ class NaturalConfig:
 
     seed: int = 0
     tasks: tuple[str, ...] = TASKS
-    arith_min_ops: int = 2
-    arith_max_ops: int = 3
-    arith_max_operand: int = 20
-    arith_max_value: int = 60
+    arith_min_ops: int = 1
+    arith_max_ops: int = 2
+    arith_max_operand: int = 9
+    arith_max_value: int = 20
     arith_ops: tuple[str, ...] = ("add", "sub")
     choice_kinds: tuple[str, ...] = CHOICE_KINDS
     choice_num_facts: int = 4
