@@ -166,3 +166,23 @@ def test_errors(tiny_ckpt, tmp_path):
         load_hf_llama(str(pickle))
     with pytest.raises(ValueError, match="dtype must be float32 or bfloat16"):
         load_hf_llama(path, dtype=jnp.float16)
+
+
+def test_export_with_tokenizer_is_a_complete_model_source(tiny_ckpt, tmp_path):
+    """save_hf_llama(..., tokenizer=) writes the tokenizer and chat template beside the weights."""
+    path, hf = tiny_ckpt
+    model, cfg = load_hf_llama(path)
+    tok = save_tiny_tokenizer(tmp_path / "tok")
+    out = str(tmp_path / "export")
+    save_hf_llama(model, cfg, out)
+    with pytest.raises(ValueError, match="export: no tokenizer files"):
+        load_tokenizer(out)  # weights alone are not a model source
+    save_hf_llama(model, cfg, out, tokenizer=tok)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    for again in (load_tokenizer(out), transformers.AutoTokenizer.from_pretrained(out)):
+        assert again.chat_template == CHAT_TEMPLATE
+        assert again.apply_chat_template(msgs, tokenize=False) == tok.apply_chat_template(msgs, tokenize=False)
+        assert again("a b").input_ids == tok("a b").input_ids
+    hf2 = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    ids, mask = random_batch(2, 9, cfg.vocab_size, seed=1)
+    np.testing.assert_allclose(hf_logits(hf2, ids, mask)[mask > 0], hf_logits(hf, ids, mask)[mask > 0], atol=TOL)

@@ -102,7 +102,7 @@ def test_config_fields_and_errors():
 
 
 def test_gin_presets_parse_and_match_the_zoo():
-    assert sorted(p.stem for p in GIN_DIR.glob("*.gin")) == sorted(presets.PRESETS)
+    assert sorted(p.stem for p in GIN_DIR.glob("*.gin")) == sorted([*presets.PRESETS, *presets.PACKAGED])
     for name in presets.PRESETS:
         config_lib.parse_gin([str(GIN_DIR / f"{name}.gin")])
         cfg = config_lib.build_run_config()
@@ -110,3 +110,13 @@ def test_gin_presets_parse_and_match_the_zoo():
         assert cfg.model.dtype == "bfloat16"
         assert cfg.model.remat == (presets.num_params(presets.preset_config(name)) >= 1e9)
         assert (cfg.mesh.fsdp == -1) == cfg.model.remat and -1 in (cfg.mesh.data, cfg.mesh.fsdp)
+
+
+def test_packaged_gin_presets_name_their_package_source():
+    for name, entry in presets.PACKAGED.items():
+        assert entry["preset"] in presets.PRESETS
+        config_lib.parse_gin([str(GIN_DIR / f"{name}.gin")])
+        cfg = config_lib.build_run_config()
+        assert cfg.model.source == entry["source"] and cfg.model.source.startswith("pkg:")
+        assert cfg.model.dtype == "float32"  # fine-tuning rates of 1e-5..1e-6 need fp32 params
+        assert cfg.sft.optim.learning_rate <= 1e-4 and cfg.dpo.optim.learning_rate <= 1e-5

@@ -222,18 +222,22 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def save_hf_llama(model: Llama, config: LlamaConfig, path: str, *, max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> None:
+def save_hf_llama(model: Llama, config: LlamaConfig, path: str, *, max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
+                  tokenizer: Any = None) -> None:
     """Writes ``model`` as an HF checkpoint that ``transformers.LlamaForCausalLM.from_pretrained`` loads.
 
     Writes config.json and model.safetensors, or numbered shards of at most ``max_shard_bytes``
     plus model.safetensors.index.json. Tensors keep the model's dtype. Parameters are fetched
-    one layer slice at a time, so the host holds at most one shard.
+    one layer slice at a time, so the host holds at most one shard. With ``tokenizer``, its files
+    and chat template are written beside the weights, so the folder is a complete model source
+    (`load_tokenizer` and ``AutoTokenizer`` load it).
 
     Args:
       model: the model to save (its parameters may be sharded on a mesh).
       config: its config (written as config.json).
       path: output folder (created if needed).
       max_shard_bytes: the largest safetensors file to write before splitting.
+      tokenizer: optional ``transformers`` tokenizer of the model (``save_pretrained`` is called).
     """
     os.makedirs(path, exist_ok=True)
     state = nnx.state(model, nnx.Param)
@@ -266,12 +270,29 @@ def save_hf_llama(model: Llama, config: LlamaConfig, path: str, *, max_shard_byt
             json.dump({"metadata": {"total_size": sum(e[3] for e in entries)}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config.to_hf(), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_tokenizer(path: str) -> Any:
-    """``transformers.AutoTokenizer`` from a local folder (chat template kept, no remote code)."""
+    """``transformers.AutoTokenizer`` from a local folder (chat template kept, no remote code).
+
+    A ``.gguf`` file (or ``pkg:`` source naming one) gives the tokenizer of its metadata
+    (`cream_jax.models.gguf.load_gguf_tokenizer`).
+    """
+    if path.endswith(".gguf") or path.startswith("pkg:"):
+        from cream_jax.models import gguf
+
+        return gguf.load_gguf_tokenizer(gguf.resolve_model_source(path))
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
         raise ValueError(f"load_tokenizer: {path}: no such folder")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        # Without this check transformers asks to "install sentencepiece or tiktoken".
+        raise ValueError(f"load_tokenizer: {path}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                         f"save_hf_llama(..., tokenizer=tok) writes them")
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)

