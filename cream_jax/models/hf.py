@@ -283,6 +283,7 @@ def load_tokenizer(path: str) -> Any:
     A ``.gguf`` file (or ``pkg:`` source naming one) gives the tokenizer of its metadata
     (`cream_jax.models.gguf.load_gguf_tokenizer`).
     """
+    path = os.fspath(path)  # the embedded tokenizer folder is a pathlib.Path
     if path.endswith(".gguf") or path.startswith("pkg:"):
         from cream_jax.models import gguf
 
