@@ -161,7 +161,8 @@ def make_dpo_loss(beta: float, loss_type: str = "sigmoid", label_smoothing: floa
     return loss_fn
 
 
-def make_scir_loss(beta: float, alpha: float, gamma: float, divergence: str, verdict_ids: tuple[int, int]) -> LossFn:
+def make_scir_loss(beta: float, alpha: float, gamma: float, divergence: str, verdict_ids: tuple[int, int],
+                   tie_tolerance: float = 0.0) -> LossFn:
     """SCIR (METHODS 5.2, [MEM] reconstruction): the generative preference comes from the same
     policy judging both orders of the pair, inside the step, so the consistency term is
     differentiable in both internal reward models."""
@@ -175,7 +176,8 @@ def make_scir_loss(beta: float, alpha: float, gamma: float, divergence: str, ver
         p_gen = judge.pairwise_preference(logits_12, logits_21, *verdict_ids)  # (B,) p(y1 better)
         per_pair, m = losses.scir_loss(
             chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], p_gen,
-            beta=beta, alpha=alpha, gamma=gamma, divergence=divergence, weight=batch["weight"],
+            beta=beta, alpha=alpha, gamma=gamma, divergence=divergence, tie_tolerance=tie_tolerance,
+            weight=batch["weight"],
         )
         w = batch["weight"]
         loss = _weighted_mean(per_pair, w)

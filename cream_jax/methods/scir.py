@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cream_jax import judge, losses, scoring
+from cream_jax import judge
 from cream_jax.engine.host import encode_texts_left_padded
 from cream_jax.methods.base import Method, register
 
@@ -71,32 +71,8 @@ class SCIR(Method):
         return out
 
     def loss_fn(self, tokenizer):
-        return make_scir_loss(self.cfg.dpo.beta, self.cfg.scir, judge.verdict_token_ids(tokenizer))
+        from cream_jax import steps  # noqa: PLC0415 — model code, only when training
 
-
-def make_scir_loss(beta: float, scir_cfg, verdict_ids: tuple[int, int]):
-    """The SCIR step loss: the generative preference comes from the same policy judging both orders
-    of the pair inside the step, so the consistency term is differentiable in both reward models."""
-    import jax.numpy as jnp  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
-
-    def loss_fn(graphdef, params, batch):
-        model = nnx.merge(graphdef, params)
-        ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)  # (2B, T)
-        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
-        resp = jnp.concatenate([batch["chosen_resp"], batch["rejected_resp"]], axis=0)
-        sum_logp, _ = scoring.response_logprobs(model(ids, mask), ids, resp)  # (2B,)
-        b = batch["chosen_ids"].shape[0]
-        logits_12 = model(batch["judge12_ids"], batch["judge12_mask"])[:, -1]  # (B, V)
-        logits_21 = model(batch["judge21_ids"], batch["judge21_mask"])[:, -1]  # (B, V)
-        p_gen = judge.pairwise_preference(logits_12, logits_21, *verdict_ids)  # (B,) p(y1 better)
-        w = batch["weight"]
-        per_pair, m = losses.scir_loss(
-            sum_logp[:b], sum_logp[b:], batch["ref_chosen"], batch["ref_rejected"], p_gen, beta=beta,
-            alpha=scir_cfg.alpha, gamma=scir_cfg.gamma, divergence=scir_cfg.divergence,
-            tie_tolerance=scir_cfg.tie_tolerance, weight=w,
-        )
-        loss = jnp.sum(per_pair * w) / jnp.maximum(jnp.sum(w), 1.0)
-        return loss, {"loss": loss, **{k: jnp.mean(v) for k, v in m.items()}}
-
-    return loss_fn
+        c = self.cfg.scir
+        return steps.make_scir_loss(self.cfg.dpo.beta, c.alpha, c.gamma, c.divergence,
+                                    judge.verdict_token_ids(tokenizer), tie_tolerance=c.tie_tolerance)
