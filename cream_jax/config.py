@@ -10,7 +10,7 @@ name, so a ``.gin`` file or ``--gin_param`` binds fields as ``DPO.beta = 0.05`` 
 sections were constructed with those bindings applied.
 
 Sections and their gin names:
-  Model, Suite, Data, Pretrain, SFT, Sampling, Reward, DPO, Eval, Mesh, Run
+  Model, Suite, Data, Pretrain, SFT, Sampling, Reward, DPO, Eval, Mesh, Guard, Run
 """
 
 from __future__ import annotations
@@ -143,6 +143,17 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """Sanity limits: cream_jax.validate (before the run) and cream_jax.guards (during training)."""
+
+    warmup_logs: int = 3  # logged steps of a phase before the loss / gradient-norm limits apply
+    loss_factor: float = 10.0  # stop when loss > factor * |running median| (and > 1)
+    grad_norm_factor: float = 100.0  # stop when the gradient norm > factor * its running median (and > 1)
+    param_growth: float = 100.0  # stop when the parameter norm grows by more than this factor in a phase
+    allow: tuple[str, ...] = ()  # rule keys whose sanity limit is waived, e.g. ("DPOOptim.learning_rate",)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     method: str = "cream"
     iterations: int = 2
@@ -161,6 +172,7 @@ class RunConfig:
     dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
+    guard: GuardConfig = GuardConfig()
 
     def __post_init__(self):
         validate(self)
@@ -239,6 +251,7 @@ _SECTIONS = {
     "DPO": ("dpo", DPOConfig),
     "Eval": ("eval", EvalConfig),
     "Mesh": ("mesh", MeshConfig),
+    "Guard": ("guard", GuardConfig),
 }
 # Optimizers are nested per stage; each gets its own gin name (PretrainOptim.learning_rate = ...).
 _OPTIM_SECTIONS = {"PretrainOptim": "pretrain", "SFTOptim": "sft", "DPOOptim": "dpo"}

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cream_jax import checkpoint, config as config_lib, curate, distributed, evaluate, metrics, rewards, sharding, steps
+from cream_jax import checkpoint, config as config_lib, curate, distributed, errors, evaluate, guards, metrics, rewards, sharding, steps, validate
 from cream_jax.config import RunConfig
 from cream_jax.data import pipeline, sources, synthetic
 from cream_jax.models import hf
@@ -40,7 +40,7 @@ log = logging.getLogger("cream_jax")
 DEFAULT_WORKDIR = "runs/default"
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(errors.Divergence):
     """A train step produced NaN/inf; the last good checkpoint is kept."""
 
 
@@ -127,6 +127,7 @@ class Run:
     save_counter: int = 0
     results: list = dataclasses.field(default_factory=list)
     models: dict = dataclasses.field(default_factory=dict)  # name -> params resident on the mesh
+    inputs: dict = dataclasses.field(default_factory=dict)  # rows skipped / truncated per source (validate.count_inputs)
 
     # -- models ------------------------------------------------------------------------------
     def model(self, params) -> Llama:
@@ -199,6 +200,7 @@ def _check_prompt_pools(cfg: RunConfig, tokenizer: Any, data: TaskData) -> None:
 
 def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
     """Creates the run context (mesh, tokenizer, M0's initial params, writers, checkpointer)."""
+    inputs = validate.check_run(cfg, workdir)  # everything checked before anything is written
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     fp = config_lib.fingerprint(cfg)
@@ -214,11 +216,12 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
         )
     data = load_task_data(cfg)
     _check_prompt_pools(cfg, tok, data)
+    inputs = validate.count_inputs(cfg, tok, data.sft, data.pools, data.tests, inputs)
     run = Run(
         cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tok, tokens=curate.TokenSpec.from_tokenizer(tok),
         model_config=mc, graphdef=graphdef, data=data,
         ckpt=checkpoint.RunCheckpointer(workdir / "checkpoints", max_to_keep=2),
-        store=checkpoint.ModelStore(workdir / "models"), writer=metrics.MetricWriter(workdir / "logs"),
+        store=checkpoint.ModelStore(workdir / "models"), writer=metrics.MetricWriter(workdir / "logs"), inputs=inputs,
     )
     return run, params
 
@@ -284,6 +287,7 @@ def train_on_arrays(
         total_steps = max(1, math.ceil(n / bs)) * (epochs or 1)
     train_step, optimizer = _step_fn(run, kind, optim, params)
     state = steps.init_train_state(params, optimizer, jax.random.key(seed))
+    guard = guards.DivergenceGuard(cfg.guard, name, params, keep=run.ckpt.directory)
     loader = pipeline.make_loader(list(range(n)), bs, seed=seed, shuffle=True, num_epochs=None, drop_remainder=False)
     start = 0
     if resume is not None and int(resume["progress"].get("step", 0)) > 0:
@@ -308,15 +312,18 @@ def train_on_arrays(
             host = {k: float(v) for k, v in jax.device_get(m).items()}
             if not all(math.isfinite(v) for v in host.values()):
                 raise NonFiniteLoss(f"{name}: non-finite metrics at step {step + 1}: {host}; last good checkpoint kept in {run.ckpt.directory}")
+            guard.observe(step + 1, host)
             run.writer.scalars(_global_step(run, progress_base, step + 1), {f"{name}/{k}": v for k, v in host.items()})
             bar.set_postfix(loss=f"{host['loss']:.4f}")
         bar.update(1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
             _check_finite(run, name, state, step + 1)
+            guard.check_params(step + 1, state["params"])
             saved = {"train": state} if progress_base["stage"] != "iteration" else {"train": state, "records": records}
             run.save(saved, {**progress_base, "phase": "train", "step": step + 1}, {"loader": loader.get_state()})
     bar.close()
     _check_finite(run, name, state, total_steps)
+    guard.check_params(total_steps, state["params"])
     del last_metrics
     return state["params"]
 
@@ -594,7 +601,8 @@ def _run_stages(run: Run, params0: Any) -> dict:
         tic = time.perf_counter()
         acc, samples = evaluate_model(run, m1, jax.random.fold_in(key, 0))
         run.results.append({"iteration": 0, "model": "M1", "accuracy": acc, "reward_accuracy": None,
-                            "consistency": None, "pairs_kept": None, "seconds": {"eval": time.perf_counter() - tic}})
+                            "consistency": None, "pairs_kept": None, "seconds": {"eval": time.perf_counter() - tic},
+                            "inputs": run.inputs})
         metrics.log_samples(run.workdir, 0, [{"eval": s} for s in samples])
         _write_outputs(run)
         run.save({}, {"stage": "iteration", "iteration": 1, "phase": "curate", "step": 0})
@@ -642,6 +650,7 @@ def _run_stages(run: Run, params0: Any) -> dict:
                "reward_accuracy_pairs": stats["reward_accuracy_pairs"], "judge_parse_failures": stats["judge_parse_failures"],
                "consistency": {"mean": stats["consistency"]["mean"], "std": stats["consistency"]["std"]},
                "pairs_kept": stats["pairs_kept"], "pairs_tied": stats["pairs_tied"], "seconds": seconds,
+               "prompts_truncated": stats["prompts_truncated"],
                "compiles": _COMPILES.count - compiles_before}
         run.results.append(row)
         metrics.log_samples(run.workdir, t, stats["samples"] + [{"eval": s} for s in samples])
@@ -699,6 +708,11 @@ def _config_text(cfg: RunConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; every failure is one ``error: <what>: <why>`` line and its exit code (cream_jax.errors)."""
+    return errors.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cream_jax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable); default configs/tiny_cpu.gin")
     parser.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'DPO.beta = 0.05' (repeatable)")
@@ -713,17 +727,11 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "cream_jax" / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     files = args.gin_file or default_gin_files()
-    try:
-        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-        config_lib.parse_gin(files, args.gin_param)
-        cfg = config_lib.build_run_config()
-        run_loop(cfg, args.workdir or DEFAULT_WORKDIR)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    config_lib.parse_gin(files, args.gin_param)
+    validate.check_gin_bindings()
+    cfg = config_lib.build_run_config()
+    run_loop(cfg, args.workdir or DEFAULT_WORKDIR)
     return 0
 
 
