@@ -36,6 +36,7 @@ import subprocess
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -224,6 +225,8 @@ def _unblock_failed_background_writes() -> None:
         from orbax.checkpoint._src.futures import future as orbax_future  # noqa: PLC0415
     except ImportError:  # another orbax layout: nothing we know how to unblock
         return
+    # The abandoned save's coroutines are never awaited; Python would say so at exit, after the error.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     for thread in threading.enumerate():
         if isinstance(thread, orbax_future._SignalingThread) and thread.is_alive():  # noqa: SLF001
             thread._cancelled = True  # noqa: SLF001 - it returns without running its target once woken

@@ -20,6 +20,8 @@ modules raise these classes, and only the CLIs call `run_cli`.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import signal
 import sys
@@ -121,6 +123,15 @@ def _release_pending_writes() -> None:
         sys.modules["cream_jax.checkpoint"].close_all()
 
 
+class _NoTracebacks(logging.Filter):
+    """Keeps library log records (orbax logs a failed background write with its traceback) to their
+    message: the one error line of `run_cli` is what the user reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
 def run_cli(main_fn: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Runs ``main_fn(argv)``; every failure becomes one stderr line and its class's exit code.
 
@@ -130,6 +141,9 @@ def run_cli(main_fn: Callable[[Sequence[str] | None], int | None], argv: Sequenc
     """
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main else None
+    quiet = _NoTracebacks()
+    if os.environ.get(TRACEBACK_ENV, "") in ("", "0"):
+        logging.getLogger("absl").addFilter(quiet)
     try:
         try:
             return int(main_fn(argv) or 0)
@@ -141,9 +155,14 @@ def run_cli(main_fn: Callable[[Sequence[str] | None], int | None], argv: Sequenc
         code, message = classify(exc)
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             traceback.print_exception(exc, file=sys.stderr)
+        # Objects held by the failed frames (progress bars, open files) finish now, not after the line.
+        traceback.clear_frames(exc.__traceback__)
+        gc.collect()
+        sys.stderr.flush()
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
         return code
     finally:
+        logging.getLogger("absl").removeFilter(quiet)
         if in_main:
             signal.signal(signal.SIGTERM, previous)

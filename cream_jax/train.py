@@ -215,8 +215,8 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
             f"Pretrain.seq_len) exceed the model's context of {mc.max_position_embeddings} (max_position_embeddings)"
         )
     data = load_task_data(cfg)
-    _check_prompt_pools(cfg, tok, data)
     inputs = validate.count_inputs(cfg, tok, data.sft, data.pools, data.tests, inputs)
+    _check_prompt_pools(cfg, tok, data)
     run = Run(
         cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tok, tokens=curate.TokenSpec.from_tokenizer(tok),
         model_config=mc, graphdef=graphdef, data=data,

@@ -604,7 +604,16 @@ def count_inputs(cfg: Any, tokenizer: Any, sft: list, pools: list, tests: dict, 
     for t in range(1, cfg.iterations + 1):
         pool = pools[t - 1] if t - 1 < len(pools) else []
         used = pool[: d.prompts_per_iteration] if d.prompts_per_iteration else pool
+        if not used:
+            raise DataError(f"the prompt pool of iteration {t} is empty"
+                            + (f" ({d.prompt_paths[t - 1]})" if t - 1 < len(d.prompt_paths) else ""))
         lengths = pipeline.token_lengths(tokenizer, [p["messages"] for p in used], add_generation_prompt=True)
+        if d.on_overflow == "error":
+            over = [(p["id"], n) for p, n in zip(used, lengths) if n > d.max_prompt_len]
+            if over:
+                raise DataError(f"iteration {t} prompts: prompt {over[0][0]!r} has {over[0][1]} tokens > "
+                                f"Data.max_prompt_len={d.max_prompt_len} ({len(over)} such prompts; "
+                                "Data.on_overflow='truncate' cuts instead)")
         entry = prompts.setdefault(str(t), {"skipped": 0})
         entry["rows"] = len(used)
         entry["unused"] = len(pool) - len(used)

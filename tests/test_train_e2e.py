@@ -128,21 +128,23 @@ def test_each_method_runs_one_iteration(smoke_run, tmp_path, method):
 
 
 @pytest.mark.parametrize(
-    "binding, message",
+    "binding, message, code",
     [
-        ("Run.method = 'nope'", "method='nope' is not one of"),
-        ("Data.sft_path = '/nonexistent/sft.json'", "/nonexistent/sft.json"),
-        ("Suite.pool_per_iteration = 0", "prompt pool of iteration 1 is empty"),
-        ("Data.on_overflow = 'error'", "Data.max_prompt_len"),
-        ("Model.max_position_embeddings = 64", "exceed the model's context of 64"),
+        ("Run.method = 'nope'", "method='nope' is not one of", 2),
+        ("Data.sft_path = '/nonexistent/sft.json'", "/nonexistent/sft.json", 4),
+        ("Suite.pool_per_iteration = 0", "prompt pool of iteration 1 is empty", 4),
+        ("Data.on_overflow = 'error'", "Data.max_prompt_len", 4),
+        ("Model.max_position_embeddings = 64", "exceed the model's context of 64", 2),
     ],
 )
-def test_bad_input_is_one_line_error(tmp_path, binding, message):
+def test_bad_input_is_one_line_error(tmp_path, binding, message, code):
     extra = ["--gin_param", binding]
     if "on_overflow" in binding:
         extra += ["--gin_param", "Data.max_prompt_len = 8"]
+    if "sft_path" in binding:
+        extra += ["--gin_param", "Data.prompt_paths = ('/nonexistent/p1.json', '/nonexistent/p2.json')"]
     proc = cli(tmp_path / "run", *extra, check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last
 
@@ -154,7 +156,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path):
     for name in ("m0", "m1"):
         shutil.copytree(reference / "models" / name, workdir / "models" / name)
     proc = cli(workdir, "--gin_param", "DPOOptim.learning_rate = 1e39",
-               check=False)
+               "--gin_param", "Guard.allow = ('DPOOptim.learning_rate',)", check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "non-finite" in proc.stderr or "NaN" in proc.stderr
     assert not (workdir / "models" / "m2").exists()
