@@ -774,3 +774,21 @@ def test_read_only_checkpoints_refused_before_orbax_starts(tmp_path):
     finally:
         undo()
     assert checkpoint.RunCheckpointer(directory).all_steps() == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep CLI validates every point before the first run.
+
+
+@pytest.mark.parametrize("axis, needle", [
+    ("DPO.beta=[0.1, -1.0]", "sweep point DPO.beta = -1.0: DPO.beta: -1.0 must be > 0"),
+    ("Sampling.top_k=[0, 'many']", "Sampling.top_k: expected int, got str 'many'"),
+    ("DPO.beta=0.1", "--sweep 'DPO.beta=0.1': expected 'Configurable.param=[v1, v2, ...]'"),
+])
+def test_sweep_refuses_a_bad_point_before_running_any(capsys, tmp_path, axis, needle):
+    from cream_jax import sweep
+
+    code = sweep.main(["--gin_file", SMOKE, "--sweep", axis, "--root", str(tmp_path / "sweep")])
+    err = capsys.readouterr().err
+    assert_one_line(err, code, CONFIG, needle)
+    assert not (tmp_path / "sweep").exists()

@@ -107,7 +107,7 @@ def test_finished_workdir_reruns_nothing_and_other_config_is_refused(smoke_run, 
     other = cli(workdir, "--gin_param", "DPO.beta = 0.5", check=False)
     assert other.returncode == 2
     line = other.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: workdir") and "different config" in line
+    assert line.startswith("error: config: workdir") and "different config" in line
 
 
 @pytest.mark.parametrize("method", ["srlm", "sera", "scir", "dpo_oracle"])
