@@ -526,8 +526,16 @@ def check_tokenizer(tokenizer: Any, where: str, vocab_size: int | None) -> None:
             raise ModelError(f"tokenizer {where}: {name}={value} is outside the model's vocab_size={vocab_size}")
 
 
+def _check_gguf(path: Path) -> None:
+    if path.suffix.lower() != ".gguf":
+        raise ModelError(f"Model.source={str(path)!r}: a file, but not a .gguf one (an HF checkpoint is a folder)")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path}: not a GGUF file (no GGUF magic); re-download it")
+
+
 def check_model(cfg: Any) -> Any:
-    """The model source and tokenizer; returns the tokenizer."""
+    """The model source and tokenizer; returns the tokenizer (None: a GGUF file's own, read later)."""
     m = cfg.model
     if m.source == "embedded":
         from cream_jax.data import tokenizer as tiny_tokenizer  # noqa: PLC0415
@@ -536,6 +544,14 @@ def check_model(cfg: Any) -> Any:
         tok = load_tokenizer(where)
         check_tokenizer(tok, str(where), None)
         context = m.max_position_embeddings
+    elif Path(m.source).is_file():  # a single-file checkpoint (GGUF): its reader checks the tensors
+        _check_gguf(Path(m.source))
+        if m.tokenizer is None:
+            return None
+        where = m.tokenizer
+        tok = load_tokenizer(where)
+        check_tokenizer(tok, str(where), None)
+        context = None
     else:
         hf_config = read_model_config(m.source)
         where = m.tokenizer or m.source

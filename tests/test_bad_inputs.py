@@ -792,3 +792,8 @@ def test_sweep_refuses_a_bad_point_before_running_any(capsys, tmp_path, axis, ne
     err = capsys.readouterr().err
     assert_one_line(err, code, CONFIG, needle)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_model_source_file_that_is_not_gguf(cli, workdir, tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"NOPE" + b"\0" * 64)
+    refused(cli, workdir, MODEL, [f"{tmp_path / 'model.gguf'}: not a GGUF file"], f"Model.source = '{tmp_path / 'model.gguf'}'")
