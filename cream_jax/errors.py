@@ -20,7 +20,6 @@ modules raise these classes, and only the CLIs call `run_cli`.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -157,7 +156,6 @@ def run_cli(main_fn: Callable[[Sequence[str] | None], int | None], argv: Sequenc
             traceback.print_exception(exc, file=sys.stderr)
         # Objects held by the failed frames (progress bars, open files) finish now, not after the line.
         traceback.clear_frames(exc.__traceback__)
-        gc.collect()
         sys.stderr.flush()
         sys.stderr.write(message + "\n")
         sys.stderr.flush()

@@ -139,7 +139,7 @@ def check_value(name: str, value: Any, ann: Any) -> None:
     expected = _describe(ann)
     hint = ""
     if isinstance(value, str) and "tuple" in expected:
-        hint = f" (a single path is written ({value!r},))"
+        hint = f" (a single one is written ({value!r},))"
     raise ConfigError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}{hint}")
 
 
@@ -162,9 +162,16 @@ def check_types(cfg: Any, section: str = "Run") -> None:
 
 
 def check_gin_bindings() -> None:
-    """Type-checks the gin bindings parsed by `config.parse_gin`, before the config is built."""
+    """Type- and rule-checks the gin bindings parsed by `config.parse_gin`, before the config is
+    built (so no dataclass ``__post_init__`` meets a wrongly typed value first)."""
     import gin  # noqa: PLC0415 - gin lives at the edge
 
+    try:
+        allowed = gin.query_parameter("Guard.allow")
+    except ValueError:
+        allowed = ()
+    check_value("Guard.allow", allowed, tuple[str, ...])
+    allowed = _check_allow(allowed)
     for name, (_, target) in gin_sections().items():
         if name == "Run":
             target = getattr(config_lib, "_run_fields", target)
@@ -179,6 +186,7 @@ def check_gin_bindings() -> None:
             if type(value).__module__.startswith("gin"):  # a @reference or macro: gin resolves it
                 continue
             check_value(f"{name}.{param}", value, ann)
+            check_rule(f"{name}.{param}", value, allowed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,21 +321,30 @@ for _section in _OPTIMS:
     _add(_sanity_rules(_section))
 
 
-def check_rules(cfg: Any) -> None:
-    """Applies `RULES`; a sanity rule is skipped for keys listed in ``Guard.allow``."""
-    allowed = set(getattr(getattr(cfg, "guard", None), "allow", ()) or ())
+def _check_allow(allowed: Any) -> set:
+    allowed = set(allowed or ())
     for key in allowed:
         if key not in RULES or not any(r.sanity for r in RULES[key]):
             waivable = sorted(k for k, rules in RULES.items() if any(r.sanity for r in rules))
             raise ConfigError(f"Guard.allow: {key!r} has no sanity limit to waive (waivable: {', '.join(waivable)})")
-    for key, rules in RULES.items():
-        value = resolve(cfg, key)
-        for rule in rules:
-            if rule.sanity and key in allowed:
-                continue
-            if not rule.test(value):
-                extra = f" (Guard.allow = ({key!r},) accepts it)" if rule.sanity else ""
-                raise ConfigError(f"{key}: {value!r} {rule.expect}{extra}")
+    return allowed
+
+
+def check_rule(key: str, value: Any, allowed: set = frozenset()) -> None:
+    """Applies the `RULES` of one key to a value (sanity limits waived for keys in ``allowed``)."""
+    for rule in RULES.get(key, ()):
+        if rule.sanity and key in allowed:
+            continue
+        if not rule.test(value):
+            extra = f" (Guard.allow = ({key!r},) accepts it)" if rule.sanity else ""
+            raise ConfigError(f"{key}: {value!r} {rule.expect}{extra}")
+
+
+def check_rules(cfg: Any) -> None:
+    """Applies `RULES`; a sanity rule is skipped for keys listed in ``Guard.allow``."""
+    allowed = _check_allow(getattr(getattr(cfg, "guard", None), "allow", ()))
+    for key in RULES:
+        check_rule(key, resolve(cfg, key), allowed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def test_each_method_runs_one_iteration(smoke_run, tmp_path, method):
 @pytest.mark.parametrize(
     "binding, message, code",
     [
-        ("Run.method = 'nope'", "method='nope' is not one of", 2),
+        ("Run.method = 'nope'", "Run.method: 'nope' must be one of", 2),
         ("Data.sft_path = '/nonexistent/sft.json'", "/nonexistent/sft.json", 4),
         ("Suite.pool_per_iteration = 0", "prompt pool of iteration 1 is empty", 4),
         ("Data.on_overflow = 'error'", "Data.max_prompt_len", 4),
