@@ -119,10 +119,10 @@ def _matches(value: Any, ann: Any) -> bool:
     if origin in (tuple, list):
         if not isinstance(value, (tuple, list)):
             return False
-        args = [a for a in typing.get_args(ann) if a is not Ellipsis]
-        if len(typing.get_args(ann)) == 2 and typing.get_args(ann)[1] is Ellipsis or origin is list:
+        args = typing.get_args(ann)
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):  # list[X], tuple[X, ...]
             return all(_matches(v, args[0]) for v in value) if args else True
-        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))  # tuple[X, Y]
     if ann is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if ann is int:
@@ -673,7 +673,7 @@ def count_inputs(cfg: Any, tokenizer: Any, sft: list, pools: list, tests: dict, 
 def check_run(cfg: Any, workdir: str | os.PathLike, devices: int | None = None) -> dict:
     """Validates the config, the workdir, the data files, the model and the tokenizer.
 
-    Writes nothing. Returns the skipped-row report of the data files (see `count_inputs`).
+    Leaves nothing behind (the workdir's write probes are removed). Returns the skipped-row report of the data files (see `count_inputs`).
     """
     check_config(cfg, devices)
     check_workdir(workdir)

@@ -66,6 +66,12 @@ def test_cli_writes_every_output(smoke_run):
     assert 0.0 <= it["consistency"]["mean"] <= 1.0 and it["consistency"]["std"] >= 0.0
     assert it["pairs_kept"] > 0
     assert {"sample", "score", "train", "eval"} <= set(it["seconds"])
+    # Skipped and truncated rows are counted per source (the embedded suite has neither).
+    inputs = rows[0]["inputs"]
+    assert inputs["sft"] == {"rows": 64, "skipped": 0, "truncated": 0}
+    assert inputs["prompts"]["1"] == {"skipped": 0, "rows": 16, "unused": 0, "truncated": 0}
+    assert inputs["eval_tasks"] == {"arith": {"rows": 8, "truncated": 0}, "choice": {"rows": 8, "truncated": 0}}
+    assert it["prompts_truncated"] == 0
     with open(workdir / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 3 and "consistency/mean" in table[0]
