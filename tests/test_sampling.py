@@ -35,7 +35,8 @@ def hf_greedy(hf, ids, mask, eos):
     return np.pad(out, ((0, 0), (0, M - out.shape[1])), constant_values=0)
 
 
-def test_greedy_equals_transformers_with_left_padding_and_eos(tiny):
+@pytest.mark.parametrize("layers", ["unroll", "scan"])
+def test_greedy_equals_transformers_with_left_padding_and_eos(tiny, layers):
     hf, model, cfg, ids, mask = tiny
     free = hf_greedy(hf, ids, mask, eos=[127])  # an EOS that (we check) never comes: full length
     assert (free != 127).all()
@@ -43,7 +44,7 @@ def test_greedy_equals_transformers_with_left_padding_and_eos(tiny):
     eos = [int(free[0, 3]), int(free[2, 8])]
     ref = hf_greedy(hf, ids, mask, eos=eos)
     tokens, out_mask = sampling.generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=M,
-                                         temperature=0.0, eos_id=eos, pad_id=0)
+                                         temperature=0.0, eos_id=eos, pad_id=0, layers=layers)
     tokens, out_mask = np.asarray(tokens)[:, 0], np.asarray(out_mask)[:, 0]
     np.testing.assert_array_equal(tokens, ref)
     ended = np.isin(ref, eos)
@@ -213,7 +214,8 @@ def test_bad_arguments(tiny):
     kw = dict(key=jax.random.key(0), max_new_tokens=4, eos_id=2, pad_id=0)
     for bad, message in [(dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
                          (dict(top_k=-1), "top_k"), (dict(num_samples=0), "num_samples"),
-                         (dict(max_new_tokens=0), "max_new_tokens"), (dict(eos_id=[]), "eos_id")]:
+                         (dict(max_new_tokens=0), "max_new_tokens"), (dict(eos_id=[]), "eos_id"),
+                         (dict(layers="scanned"), "layers")]:
         with pytest.raises(ValueError, match=f"generate: {message}"):
             sampling.generate(model, ids, mask, **{**kw, **bad})
     right = mask[:, ::-1].copy()
@@ -243,8 +245,8 @@ def _reference_generate(model, ids, mask, key, num_samples, temperature, eos, pa
     return np.where(ended, pad_id, toks).reshape(len(ids), num_samples, M), (~ended).astype(np.int32)
 
 
-@pytest.mark.parametrize("segment", [4, 16])
-def test_shared_prompt_cache_and_segments_equal_unshared_decoding(tiny, monkeypatch, segment):
+@pytest.mark.parametrize("segment, layers", [(4, "unroll"), (16, "unroll"), (4, "scan")])
+def test_shared_prompt_cache_and_segments_equal_unshared_decoding(tiny, monkeypatch, segment, layers):
     # Prompts of different lengths (left padding), 3 samples each, GQA, EOS ids some rows hit
     # early; segment 4 splits the 11 decode steps into 3 segments, 16 keeps one.
     _, model, cfg, ids, mask = tiny
@@ -252,10 +254,21 @@ def test_shared_prompt_cache_and_segments_equal_unshared_decoding(tiny, monkeypa
     key, eos = jax.random.key(21), (5, 9, 17, 40)
     ref_tokens, ref_mask = _reference_generate(model, ids, mask, key, 3, 1.0, eos, pad_id=3)
     tokens, out_mask = sampling.generate(model, ids, mask, key=key, num_samples=3, max_new_tokens=M,
-                                         temperature=1.0, eos_id=eos, pad_id=3)
+                                         temperature=1.0, eos_id=eos, pad_id=3, layers=layers)
     np.testing.assert_array_equal(np.asarray(tokens), ref_tokens)
     np.testing.assert_array_equal(np.asarray(out_mask).reshape(-1, M), ref_mask)
     assert 0 < ref_mask.sum() < ref_mask.size  # some rows ended early, some did not
+
+
+def test_scanned_layers_draw_the_same_samples_as_unrolled(tiny):
+    # Same key, top-p on: the scanned decode (stacked caches, one lax.scan) must give the
+    # unrolled path's tokens, so switching `layers` never changes a run's samples.
+    _, model, cfg, ids, mask = tiny
+    kw = dict(key=jax.random.key(8), temperature=1.0, top_p=0.9, **KW)
+    a, am = sampling.generate(model, ids, mask, layers="unroll", **kw)
+    b, bm = sampling.generate(model, ids, mask, layers="scan", **kw)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(am), np.asarray(bm))
 
 
 def test_early_exit_when_every_row_ended(tiny, monkeypatch):

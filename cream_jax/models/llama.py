@@ -491,6 +491,16 @@ class Llama(nnx.Module):
             out.append((block, (w_qkv, jnp.concatenate([m.w_gate[...], m.w_up[...]], 1))))
         return tuple(out)
 
+    def stack_layers(self) -> tuple[Any, Any, tuple[jax.Array, jax.Array]]:
+        """The scanned form of :meth:`unstack_layers`: (layer graphdef, [L,...] layer state,
+        (wq|wk|wv [L,D,(N+2K)*H], w_gate|w_up [L,D,2F])), for :meth:`decode_step` over stacked caches."""
+        layer_def, layer_state = nnx.split(self.layers)
+        a, m = self.layers.attn, self.layers.mlp
+        L, D = a.wq.shape[:2]
+        w_qkv = jnp.concatenate([a.wq[...].reshape(L, D, -1), a.wk[...].reshape(L, D, -1),
+                                 a.wv[...].reshape(L, D, -1)], 2)
+        return layer_def, layer_state, (w_qkv, jnp.concatenate([m.w_gate[...], m.w_up[...]], 2))
+
     def decode_step(self, tokens_r: jax.Array, prefix: KVCache, gen: GenCache, index: jax.Array,
                     layers: tuple | None = None):
         """One generated token per row, with each prompt's cache shared by its R samples.
@@ -509,6 +519,10 @@ class Llama(nnx.Module):
           index: [] int32, the number of tokens each row generated before this one.
           layers: :meth:`unstack_layers`, computed once outside the decode loop (default: here).
 
+        Scanned form: when ``gen.k`` / ``gen.v`` / ``prefix.k`` / ``prefix.v`` are single stacked
+        [L, ...] arrays instead of tuples, the layers run in one ``lax.scan`` (one compiled copy of
+        the layer instead of L) and ``layers`` is :meth:`stack_layers`; the result is stacked too.
+
         Returns:
           (final-norm hidden states [B*R,D], gen with the new keys and values written in).
         """
@@ -520,9 +534,20 @@ class Llama(nnx.Module):
         prefix_bias_bp = jnp.where(prefix.mask > 0, 0.0, minf)
         gen_bias_s = jnp.where(jnp.arange(gen.k[0].shape[2]) <= index, 0.0, minf)
         x_rd = jnp.take(self.embed[...], tokens_r, axis=0)
+        cos_rh, sin_rh = cos_r1h[:, 0], sin_r1h[:, 0]
+        if not isinstance(gen.k, tuple):  # stacked [L, ...] caches: scan over layers
+            layer_def, layer_state, fused = self.stack_layers() if layers is None else layers
+
+            def body(x_rd, xs):
+                state, fused_l, pk, pv, gk, gv = xs
+                return nnx.merge(layer_def, state).decode(x_rd, cos_rh, sin_rh, (pk, pv), prefix_bias_bp,
+                                                          (gk, gv), gen_bias_s, index, fused_l)
+
+            x_rd, (ks, vs) = jax.lax.scan(body, x_rd, (layer_state, fused, prefix.k, prefix.v, gen.k, gen.v))
+            return rms_norm(x_rd, self.final_norm[...], self.config.rms_norm_eps), GenCache(ks, vs)
         ks, vs = [], []
         for layer, (block, fused) in enumerate(self.unstack_layers() if layers is None else layers):  # unrolled
-            x_rd, (k, v) = block.decode(x_rd, cos_r1h[:, 0], sin_r1h[:, 0], (prefix.k[layer], prefix.v[layer]),
+            x_rd, (k, v) = block.decode(x_rd, cos_rh, sin_rh, (prefix.k[layer], prefix.v[layer]),
                                         prefix_bias_bp, (gen.k[layer], gen.v[layer]), gen_bias_s, index, fused)
             ks.append(k)
             vs.append(v)
