@@ -124,6 +124,7 @@ class SRLMConfig:
     judge_readout: str = "expected"  # "expected" (one forward) | "sample" (K sampled judgments)
     judge_template: str = "additive"  # "additive" (SRLM's rubric) | "compact" (short, for small contexts)
     judge_samples: int = 3  # K for judge_readout="sample"
+    max_judgment_tokens: int = 48  # the judgment's budget (justification + "Score: k"); a real model's rubric needs ~150
 
 
 @dataclass(frozen=True)
