@@ -27,7 +27,8 @@ class ModelConfig:
     """Where M0 comes from and, for the embedded default, its shape.
 
     ``source="embedded"`` builds a tiny LLaMA with the fields below and pretrains it on the
-    synthetic corpus (stage M0). Any other value is a local Hugging Face checkpoint folder.
+    synthetic corpus (stage M0). Any other value is a local Hugging Face checkpoint folder, a
+    ``.gguf`` file, or ``"pkg:PACKAGE/file.gguf"`` (a file inside an installed Python package).
     """
 
     source: str = "embedded"
@@ -54,6 +55,7 @@ class DataConfig:
     on_overflow: str = "truncate"  # "truncate" (keep the end, counted) | "error"
     on_bad_row: str = "raise"  # "raise" | "skip" (skipped rows are counted)
     prompts_per_iteration: int = 0  # 0: the whole per-iteration split
+    suite: str = "embedded"  # without data files: "embedded" (toy tokens) | "natural" (chat prompts, Natural.*)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class SRLMConfig:
     judge_readout: str = "expected"  # "expected" (one forward) | "sample" (K sampled judgments)
     judge_template: str = "additive"  # "additive" (SRLM's rubric) | "compact" (short, for small contexts)
     judge_samples: int = 3  # K for judge_readout="sample"
+    max_judgment_tokens: int = 48  # the judgment's budget (justification + "Score: k"); a real model's rubric needs ~150
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,7 @@ class EvalConfig:
     batch_size: int = 128
     num_per_task: int = 0  # 0: every test item
     num_logged_samples: int = 4
+    m0: bool | None = None  # evaluate M0 before SFT (row "M0", iteration -1); None: unless M0 is the embedded toy
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,7 @@ class RunConfig:
     nan_policy: str = "stop"  # "stop": keep the last good checkpoint and exit non-zero
     model: ModelConfig = ModelConfig()
     suite: Any = None  # cream_jax.data.synthetic.SuiteConfig; None = its defaults
+    natural: Any = None  # cream_jax.data.natural.NaturalConfig (Data.suite="natural"); None = its defaults
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig = SFTConfig()
@@ -323,6 +328,7 @@ _OPTIM_SECTIONS = {"PretrainOptim": "pretrain", "SFTOptim": "sft", "DPOOptim": "
 def _registered():
     import gin  # noqa: PLC0415 — gin lives at the edge
 
+    from cream_jax.data.natural import NaturalConfig  # noqa: PLC0415
     from cream_jax.data.synthetic import SuiteConfig  # noqa: PLC0415
 
     if not getattr(_registered, "done", None):
@@ -332,6 +338,7 @@ def _registered():
         for name in _OPTIM_SECTIONS:
             made[name] = gin.external_configurable(OptimConfig, name=name)
         made["Suite"] = gin.external_configurable(SuiteConfig, name="Suite")
+        made["Natural"] = gin.external_configurable(NaturalConfig, name="Natural")
         made["Run"] = gin.external_configurable(_run_fields, name="Run")
         _registered.done = made
     return _registered.done
@@ -375,8 +382,7 @@ def build_run_config() -> RunConfig:
         base = sections[attr]
         optim = made[optim_name](**{f.name: getattr(base.optim, f.name) for f in dataclasses.fields(OptimConfig) if not _is_bound(optim_name, f.name)})
         sections[attr] = dataclasses.replace(base, optim=optim)
-    suite = made["Suite"]()
-    cfg = RunConfig(**made["Run"](), suite=suite, **sections)
+    cfg = RunConfig(**made["Run"](), suite=made["Suite"](), natural=made["Natural"](), **sections)
     from cream_jax import methods  # noqa: PLC0415 — the edge: the registry checks the method's own fields
 
     methods.create(cfg)

@@ -55,6 +55,10 @@ def gin_sections() -> dict[str, tuple[str, Any]]:
         from cream_jax.data.synthetic import SuiteConfig  # noqa: PLC0415
 
         out["Suite"] = ("suite", SuiteConfig)
+    if "Natural" not in out:
+        from cream_jax.data.natural import NaturalConfig  # noqa: PLC0415
+
+        out["Natural"] = ("natural", NaturalConfig)
     return out
 
 
@@ -287,6 +291,7 @@ _add({
     "Data.on_overflow": one_of("truncate", "error"),
     "Data.on_bad_row": one_of("raise", "skip"),
     "Data.prompts_per_iteration": at_least(0),
+    "Data.suite": one_of("embedded", "natural"),
     "Pretrain.steps": at_least(0),
     "Pretrain.seq_len": at_least(2),
     "SFT.epochs": at_least(1),
@@ -306,6 +311,7 @@ _add({
     "SRLM.judge_readout": one_of("expected", "sample"),
     "SRLM.judge_template": one_of("additive", "compact"),
     "SRLM.judge_samples": at_least(1),
+    "SRLM.max_judgment_tokens": at_least(1),
     "SeRA.ratio": within(0, 1, lo_open=True),
     "SeRA.ensemble_weight": within(0, 1),
     "SCIR.alpha": at_least(0),
@@ -580,8 +586,14 @@ def check_model(cfg: Any) -> Any:
         tok = load_tokenizer(where)
         check_tokenizer(tok, str(where), None)
         context = m.max_position_embeddings
-    elif Path(m.source).is_file():  # a single-file checkpoint (GGUF): its reader checks the tensors
-        _check_gguf(Path(m.source))
+    elif m.source.startswith("pkg:") or Path(m.source).is_file():  # a GGUF file: its reader checks the tensors
+        from cream_jax.models import gguf  # noqa: PLC0415
+
+        try:
+            path = Path(gguf.resolve_model_source(m.source))
+        except ValueError as e:
+            raise ModelError(f"Model.source: {e}") from None
+        _check_gguf(path)
         if m.tokenizer is None:
             return None
         where = m.tokenizer

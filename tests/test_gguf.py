@@ -176,6 +176,35 @@ def test_gguf_to_hf_is_a_model_source_for_cream_jax_and_transformers(tmp_path):
                                atol=TOL, rtol=TOL)
 
 
+def test_loop_on_a_gguf_source_with_the_natural_suite_exports_a_model_source(tmp_path):
+    """Model.source = a .gguf file and Data.suite = "natural" run one iteration; the M0 row and the
+    setup/SFT times are in results.json; the HF export (with tokenizer) loads back as a source."""
+    from cream_jax import checkpoint, config as config_lib
+    from cream_jax.loop import stages
+    from tests._cli import SMOKE
+
+    hf = tiny_hf_model(seed=6, **TINY, tie_word_embeddings=True)
+    path = write_gguf(tmp_path / "tiny.gguf", hf, lambda name: Q.Q8_0)
+    config_lib.parse_gin([SMOKE], [
+        f"Model.source = '{path}'", "Data.suite = 'natural'", "Data.max_prompt_len = 48", "Run.iterations = 1",
+        "Run.export_hf = True", "Natural.num_sft = 4", "Natural.num_eft = 2", "Natural.pool_per_iteration = 4",
+        "Natural.num_test = 2", "Sampling.max_new_tokens = 8", "Eval.max_new_tokens = 8", "SFT.max_len = 64"])
+    cfg = config_lib.build_run_config()
+    assert cfg.natural.num_test == 2
+    workdir = tmp_path / "run"
+    results = stages.run_loop(cfg, workdir)
+    rows = {r["model"]: r for r in results["iterations"]}
+    assert [r["iteration"] for r in results["iterations"]] == [-1, 0, 1] and set(rows) == {"M0", "M1", "M2"}
+    assert set(rows["M1"]["accuracy"]) == {"arith", "choice"}
+    assert {"setup", "sft", "eval"} <= set(rows["M1"]["seconds"])
+    exported, _, tok = G.load_model_source(str(workdir / "hf" / "M2"))
+    m2 = checkpoint.ModelStore(workdir / "models").load("m2")
+    for a, b in zip(jax.tree.leaves(m2), jax.tree.leaves(nnx.state(exported, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    msgs = [{"role": "user", "content": "What is 2 + 2?"}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == G.load_gguf_tokenizer(path).apply_chat_template(msgs, tokenize=False)
+
+
 def test_bfloat16_load(tmp_path):
     hf = tiny_hf_model(seed=5, **TINY)
     path = write_gguf(tmp_path / "tiny.gguf", hf, lambda n: Q.BF16)

@@ -120,3 +120,19 @@ def test_packaged_gin_presets_name_their_package_source():
         assert cfg.model.source == entry["source"] and cfg.model.source.startswith("pkg:")
         assert cfg.model.dtype == "float32"  # fine-tuning rates of 1e-5..1e-6 need fp32 params
         assert cfg.sft.optim.learning_rate <= 1e-4 and cfg.dpo.optim.learning_rate <= 1e-5
+
+
+def test_packaged_presets_run_the_natural_suite_and_the_quick_config_is_one_small_iteration():
+    from cream_jax import validate
+
+    for name in presets.PACKAGED:
+        config_lib.parse_gin([str(GIN_DIR / f"{name}.gin"), str(GIN_DIR.parent / "cream.gin")])
+        cfg = config_lib.build_run_config()
+        assert cfg.data.suite == "natural" and cfg.data.sft_path is None and cfg.method == "cream"
+        assert cfg.srlm.max_judgment_tokens >= 128  # the rubric's justification fits
+        validate.check_config(cfg, devices=1)
+    config_lib.parse_gin([str(GIN_DIR.parent / "smollm2_quick.gin")])
+    quick = config_lib.build_run_config()
+    assert quick.model.source == presets.PACKAGED["smollm2_135m_instruct"]["source"] and quick.data.suite == "natural"
+    assert quick.iterations == 1 and quick.eval.num_per_task <= 8 and quick.sampling.num_samples <= 4
+    validate.check_config(quick, devices=1)

@@ -6,6 +6,7 @@ Shape letters: B prompts, R responses per prompt, T time.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,15 @@ from flax import nnx
 
 from cream_jax import judge
 from cream_jax.engine.host import TokenSpec, batched, concat, decode_responses, encode_texts_left_padded, sample_responses
+
+log = logging.getLogger(__name__)
+
+
+def _log_parse_failures(what: str, failed: Sequence[str], total: int) -> None:
+    """A warning with the count and two examples, so a judge that answers instead of judging shows."""
+    if failed:
+        log.warning("judge: %d of %d judgments %s; e.g. %s", len(failed), total, what,
+                    " | ".join(repr(t[:200]) for t in failed[:2]))
 
 
 def judge_scores(
@@ -57,6 +67,8 @@ def judge_scores(
         parsed = np.array([[judge.parse_score(t) for t in row] for row in texts], dtype=object)
         scores = np.where(parsed == None, np.nan, parsed).astype(np.float32)  # noqa: E711
         mean, n_failed = judge.aggregate_sampled_scores(scores.reshape(b, r, num_judgments))
+        _log_parse_failures("have no parsable 'Score: k' (NaN)", [t for row in texts for t in row if judge.parse_score(t) is None],
+                            scores.size)
         return np.asarray(mean, np.float32), int(n_failed)
     # "expected"
     gen_tok, gen_mask = sample_responses(
@@ -65,6 +77,8 @@ def judge_scores(
     )
     judgments = [t[0] for t in decode_responses(tokenizer, gen_tok, gen_mask)]
     forced, digit_ids, n_failed = judge.expected_score_prompts(tokenizer, flat_instr, flat_resp, judgments, template)
+    _log_parse_failures("have no 'Score:' label (the score is read after the whole judgment)",
+                        [t for t in judgments if not judge._LABEL_RE.search(t)], len(judgments))
     enc = encode_texts_left_padded(tokenizer, forced, ids.shape[1] + max_judgment_tokens + 4,
                                    what="judge prompts with their judgments")
     graphdef, state = nnx.split(model)

@@ -26,12 +26,12 @@ from flax import nnx
 
 from cream_jax import checkpoint, config as config_lib, evaluate, methods, metrics, sharding, steps, validate
 from cream_jax.config import RunConfig
-from cream_jax.data import pipeline, sources, synthetic
+from cream_jax.data import natural, pipeline, sources, synthetic
 from cream_jax.engine.host import TokenSpec, decode_responses, sample_responses
 from cream_jax.loop import curate as curate_lib, trainer as trainer_lib
 from cream_jax.loop.logprobs import LogProbTable
 from cream_jax.loop.rollout import make_rollout
-from cream_jax.models import hf
+from cream_jax.models import gguf, hf
 from cream_jax.models.llama import Llama, LlamaConfig
 
 log = logging.getLogger("cream_jax")
@@ -67,11 +67,17 @@ class TaskData:
 
 
 def load_task_data(cfg: RunConfig) -> TaskData:
-    """The embedded suite unless data files are configured (then no pretraining corpus, no EFT)."""
+    """The built-in suite (``Data.suite``) unless data files are configured (then no pretraining corpus, no EFT)."""
     data = cfg.data
     if data.sft_path is None:
-        suite_cfg = cfg.suite if cfg.suite is not None else synthetic.SuiteConfig()
-        suite = synthetic.make_suite(dataclasses.replace(suite_cfg, num_iterations=max(cfg.iterations, 1)))
+        if data.suite == "embedded":
+            suite_cfg = cfg.suite if cfg.suite is not None else synthetic.SuiteConfig()
+            suite = synthetic.make_suite(dataclasses.replace(suite_cfg, num_iterations=max(cfg.iterations, 1)))
+        elif data.suite == "natural":
+            suite_cfg = cfg.natural if cfg.natural is not None else natural.NaturalConfig()
+            suite = natural.make_suite(dataclasses.replace(suite_cfg, num_iterations=max(cfg.iterations, 1)))
+        else:
+            raise ValueError(f"config: Data.suite={data.suite!r}: expected 'embedded' or 'natural'")
         pools = [[{"id": p["id"], "messages": p["messages"], "task": p["task"], "label": p["answer"]} for p in pool]
                  for pool in suite.pool]
         tests = {task: [{"id": x["id"], "messages": [{"role": "user", "content": x["question"]}], "label": x["label"], "task": task}
@@ -134,6 +140,7 @@ class Run:
     trainer: trainer_lib.Trainer = None
     save_counter: int = 0
     results: list = dataclasses.field(default_factory=list)
+    setup_seconds: float = 0.0  # model load, data, mesh (for row 0)
     models: dict = dataclasses.field(default_factory=dict)  # name -> params resident on the mesh
     inputs: dict = dataclasses.field(default_factory=dict)  # rows skipped / truncated per source (validate.count_inputs)
 
@@ -181,13 +188,17 @@ def _tokenizer_and_model(cfg: RunConfig, mesh) -> tuple[Any, LlamaConfig, Llama]
         )
         graphdef, params = sharding.create_sharded(lambda: Llama(mc, rngs=nnx.Rngs(cfg.seed)), mesh)
         return tok, mc, nnx.merge(graphdef, params)
-    model, mc = hf.load_hf_llama(cfg.model.source, dtype=jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32, mesh=mesh)
-    tok = hf.load_tokenizer(cfg.model.tokenizer or cfg.model.source)
+    # An HF folder, a .gguf file or a pkg: spec; the tokenizer comes with it unless Model.tokenizer is set.
+    model, mc, tok = gguf.load_model_source(cfg.model.source, jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32,
+                                            mesh, remat=cfg.model.remat)
+    if cfg.model.tokenizer:
+        tok = hf.load_tokenizer(cfg.model.tokenizer)
     return tok, mc, model
 
 
 def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
     """Creates the run context (method, mesh, tokenizer, M0's initial params, writers, checkpointer)."""
+    tic = time.perf_counter()
     inputs = validate.check_run(cfg, workdir)  # everything checked before anything is written
     method = methods.create(cfg)
     workdir = Path(workdir)
@@ -213,6 +224,7 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
     )
     run.trainer = trainer_lib.Trainer(graphdef, mesh, run.writer, run.save, cfg.checkpoint_every, run.ckpt.directory,
                                       guard=cfg.guard)
+    run.setup_seconds = time.perf_counter() - tic
     return run, params
 
 
@@ -339,6 +351,14 @@ def _run_stages(run: Run, params0: Any) -> dict:
         run.put_model("m0", m0)
     if cfg.keep_models_resident:
         run.models["m0"] = m0
+    # The baseline row: M0 as given (the embedded toy's M0 has never seen a chat, so it is skipped by default).
+    evaluate_m0 = cfg.eval.m0 if cfg.eval.m0 is not None else cfg.model.source != "embedded"
+    if evaluate_m0 and not any(r["iteration"] == -1 for r in run.results):
+        tic = time.perf_counter()
+        acc, samples = evaluate_model(run, m0, key)
+        run.results.append({"iteration": -1, "model": "M0", "accuracy": acc, "reward_accuracy": None,
+                            "consistency": None, "pairs_kept": None, "seconds": {"eval": time.perf_counter() - tic}})
+        metrics.log_samples(run.workdir, -1, [{"eval": s} for s in samples])
 
     # Stage M1: SFT on the seed set and the method's additions (SRLM's EFT).
     tic = time.perf_counter()
@@ -362,7 +382,8 @@ def _run_stages(run: Run, params0: Any) -> dict:
         acc, samples = evaluate_model(run, m1, jax.random.fold_in(key, 0))
         run.results.append({"iteration": 0, "model": "M1", "accuracy": acc, "reward_accuracy": None,
                             "consistency": None, "pairs_kept": None,
-                            "seconds": {**stage_seconds, "eval": time.perf_counter() - tic}, "inputs": run.inputs})
+                            "seconds": {"setup": run.setup_seconds, **stage_seconds, "eval": time.perf_counter() - tic},
+                            "inputs": run.inputs})
         metrics.log_samples(run.workdir, 0, [{"eval": s} for s in samples])
         _write_outputs(run)
         run.save({}, {"stage": "iteration", "iteration": 1, "phase": "curate", "step": 0})
@@ -407,7 +428,7 @@ def _run_iteration(run: Run, t: int, policy: Any, it_key: jax.Array, res: dict |
     eval_seconds = time.perf_counter() - tic
     run.put_model(f"m{t + 1}", new_policy)
     if cfg.export_hf:
-        hf.save_hf_llama(run.model(new_policy), run.model_config, run.workdir / "hf" / f"M{t + 1}")
+        hf.save_hf_llama(run.model(new_policy), run.model_config, run.workdir / "hf" / f"M{t + 1}", tokenizer=run.tokenizer)
     run.models["policy"] = new_policy
     seconds = {**stats["seconds"], "train": train_seconds, "eval": eval_seconds}
     seconds["total"] = curate_seconds + train_seconds + eval_seconds

@@ -15,9 +15,6 @@ from cream_jax import judge, metrics
 from cream_jax.engine import judging
 from cream_jax.methods.base import Method, Rewards, register
 
-MAX_JUDGMENT_TOKENS = 48
-
-
 @register
 class SRLM(Method):
     name = "srlm"
@@ -35,7 +32,7 @@ class SRLM(Method):
         c = self.cfg
         return judging.judge_scores(
             ctx.model(k), ctx.tokenizer, rollout.instructions, rollout.texts, readout=c.srlm.judge_readout, key=key,
-            tokens=ctx.tokens, max_prompt_len=4 * c.data.max_prompt_len + 256, max_judgment_tokens=MAX_JUDGMENT_TOKENS,
+            tokens=ctx.tokens, max_prompt_len=4 * c.data.max_prompt_len + 256, max_judgment_tokens=c.srlm.max_judgment_tokens,
             num_judgments=c.srlm.judge_samples, batch_size=c.sampling.batch_size, template=c.srlm.judge_template,
             progress=lambda it: metrics.progress(it, desc=f"iter {ctx.t}: judge (M{k})"),
         )
