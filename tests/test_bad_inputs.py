@@ -223,7 +223,7 @@ def test_defaults_pass_and_every_section_is_type_checked():
     base = dataclasses.replace(config_lib.RunConfig(), suite=SuiteConfig(), natural=NaturalConfig())
     validate.check_config(base, devices=8)
     sections = validate.gin_sections()
-    assert {"Run", "Model", "Data", "DPO", "DPOOptim", "Suite", "Mesh", "Guard"} <= set(sections)
+    assert {"Run", "Model", "Data", "DPO", "DPOOptim", "Suite", "Natural", "Mesh", "Guard"} <= set(sections)
     for name, (attr, _) in sections.items():
         parts = [p for p in attr.split(".") if p]
         section = base
