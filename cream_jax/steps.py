@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cream_jax import losses, scoring
 from cream_jax.config import OptimConfig
+from cream_jax.models.llama import remat_mode
 from cream_jax.sharding import LOGICAL_AXIS_RULES
 
 PyTree = Any
@@ -189,6 +190,13 @@ def make_scir_loss(beta: float, alpha: float, gamma: float, divergence: str, ver
 # The step factory: one jit site, explicit shardings, donated state.
 
 
+def _with_remat(graphdef: Any, params: PyTree, remat: bool | str) -> Any:
+    """``graphdef`` with its model's ``remat`` attribute set (a static attribute, so at trace time)."""
+    model = nnx.merge(graphdef, params)
+    model.remat = remat
+    return nnx.graphdef(model)
+
+
 def make_train_step(
     loss_fn: LossFn,
     graphdef: Any,
@@ -196,28 +204,35 @@ def make_train_step(
     mesh: Mesh,
     state_sharding: PyTree,
     grad_accum: int = 1,
+    remat: bool | str | None = None,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """Builds ``train_step(state, batch) -> (state, metrics)``, jitted once.
 
     With ``grad_accum > 1`` the batch is split into that many micro-batches along its leading axis,
-    their gradients are summed by a scan, and one update is applied.
+    their gradients are summed by a scan, and one update is applied. ``remat`` (``Model.remat``:
+    False/"none", True/"full", "matmuls"; None keeps the graphdef's own setting) sets the layer
+    rematerialisation of every forward this step differentiates (`cream_jax.models.llama.Llama`),
+    so scoring and sampling programs of the same model are not affected.
     """
+    if remat is not None:
+        remat_mode(remat)  # a bad value fails here, before any compile
     batch_spec = P(LOGICAL_AXIS_RULES["batch"])
 
-    def grads_of(params, batch):
+    def grads_of(graphdef, params, batch):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(graphdef, params, batch)
         return grads, metrics
 
     def step(state, batch):
         lr = batch.pop("lr")
         params = state["params"]
+        step_graphdef = graphdef if remat is None else _with_remat(graphdef, params, remat)
         if grad_accum == 1:
-            grads, metrics = grads_of(params, batch)
+            grads, metrics = grads_of(step_graphdef, params, batch)
         else:
             micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
             def body(acc, mb):
-                g, m = grads_of(params, mb)
+                g, m = grads_of(step_graphdef, params, mb)
                 return jax.tree.map(jnp.add, acc, g), m
 
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -239,7 +254,7 @@ def make_train_step(
 
     compiled = {}
 
-    def train_step(state, batch):
+    def jitted(batch):
         key = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
         if key not in compiled:
             compiled[key] = jax.jit(
@@ -248,6 +263,11 @@ def make_train_step(
                 out_shardings=(state_sharding, replicated),
                 donate_argnums=(0,),
             )
-        return compiled[key](state, batch)
+        return compiled[key]
 
+    def train_step(state, batch):
+        return jitted(batch)(state, batch)
+
+    # For cost and memory analysis (tests, `cream_jax.plan`): abstract state and batch work too.
+    train_step.lower = lambda state, batch: jitted(batch).lower(state, batch)
     return train_step
