@@ -108,8 +108,6 @@ class LlamaConfig:
         if isinstance(self.eos_token_id, (list, tuple)):
             set_("eos_token_id", tuple(int(e) for e in self.eos_token_id))
         set_("rope_scaling", _rope_scaling_tuple(self.rope_scaling, self.max_position_embeddings))
-        if self.param_dtype is None:
-            set_("param_dtype", self.dtype)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -121,17 +119,22 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig.head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"LlamaConfig.{name}: must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        for name, value in (("dtype", self.dtype), ("param_dtype", self.stored_dtype)):
+            if value not in _DTYPES:
+                raise ValueError(f"LlamaConfig.{name}: must be one of {sorted(_DTYPES)}, got {value!r}")
 
     @property
     def jnp_dtype(self) -> Any:
         return _DTYPES[self.dtype]
 
     @property
+    def stored_dtype(self) -> str:
+        """The parameters' dtype name: ``param_dtype``, or ``dtype`` when that is None."""
+        return self.param_dtype or self.dtype
+
+    @property
     def jnp_param_dtype(self) -> Any:
-        return _DTYPES[self.param_dtype]
+        return _DTYPES[self.stored_dtype]
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -176,7 +179,7 @@ class LlamaConfig:
         d["rope_parameters"] = {**rope, "rope_theta": self.rope_theta}
         d["rope_scaling"] = None if self.rope_scaling is None else rope
         d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                 dtype=self.param_dtype, torch_dtype=self.param_dtype)  # the stored weights' dtype
+                 dtype=self.stored_dtype, torch_dtype=self.stored_dtype)  # the stored weights' dtype
         return d
 
 
