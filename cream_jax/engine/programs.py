@@ -43,8 +43,8 @@ def make_score_program(graphdef: Any, params: PyTree, mesh: Mesh):
         return scoring.response_logprobs(logits_btv, input_ids, response_mask)
 
     rows = _batch(mesh, 2)
-    return jax.jit(score, in_shardings=(shardings_of(params), rows, rows, rows),
-                   out_shardings=(_batch(mesh, 1), _batch(mesh, 1)))
+    return sharding.on_mesh(jax.jit(score, in_shardings=(shardings_of(params), rows, rows, rows),
+                                    out_shardings=(_batch(mesh, 1), _batch(mesh, 1))), mesh)
 
 
 def make_expected_judge_program(graphdef: Any, params: PyTree, mesh: Mesh):
@@ -58,8 +58,8 @@ def make_expected_judge_program(graphdef: Any, params: PyTree, mesh: Mesh):
         return judge.expected_score(model.logits(h_btd[:, -1]), digit_ids)
 
     rows = _batch(mesh, 2)
-    return jax.jit(read_out, in_shardings=(shardings_of(params), rows, rows, sharding.replicated(mesh)),
-                   out_shardings=_batch(mesh, 1))
+    return sharding.on_mesh(jax.jit(read_out, in_shardings=(shardings_of(params), rows, rows, sharding.replicated(mesh)),
+                                    out_shardings=_batch(mesh, 1)), mesh)
 
 
 def make_generate_program(graphdef: Any, params: PyTree, mesh: Mesh, *, num_samples: int, max_new_tokens: int,
@@ -74,8 +74,8 @@ def make_generate_program(graphdef: Any, params: PyTree, mesh: Mesh, *, num_samp
                               tuple(int(e) for e in eos_ids), int(pad_id))
     kernel = sampling._kernel(graphdef, static)
     rows, one = _batch(mesh, 2), sharding.replicated(mesh)
-    return jax.jit(kernel, in_shardings=(shardings_of(params), rows, rows, one, one, one),
-                   out_shardings=(_batch(mesh, 3), _batch(mesh, 3)))
+    return sharding.on_mesh(jax.jit(kernel, in_shardings=(shardings_of(params), rows, rows, one, one, one),
+                                    out_shardings=(_batch(mesh, 3), _batch(mesh, 3))), mesh)
 
 
 def make_cast_params(params: PyTree, dtype: Any):

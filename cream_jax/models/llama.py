@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cream_jax import sharding
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Parameters each supported rope scaling type needs (transformers' modeling_rope_utils names).
 _ROPE_KEYS = {
@@ -255,6 +257,12 @@ def _rematted(fn: Any, remat: bool | str | None) -> Any:
     policy = None if mode == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recomputation away.
     return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+def _batch_rows(x_btd: jax.Array) -> jax.Array:
+    """The residual stream split over rows at each block boundary (no-op without a mesh): FSDP then
+    gathers each layer's weights instead of replicating the batch (`cream_jax.sharding.constrain`)."""
+    return sharding.constrain(x_btd, ("batch", "length", "act_embed"))
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -608,12 +616,13 @@ class Llama(nnx.Module):
         bias_bts = jnp.where(mask_bts, 0.0, jnp.finfo(jnp.float32).min)
 
         dt = self.config.jnp_dtype
-        x_btd = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+        x_btd = _batch_rows(jnp.take(self.embed[...], input_ids, axis=0).astype(dt))
         layer_def, layer_state = nnx.split(self.layers)
 
         def layer_fn(state, x_btd, kv=None, index=None):
             # Master weights are cast to the compute dtype one layer at a time (inside the remat).
-            return nnx.merge(layer_def, cast_floating(state, dt))(x_btd, cos_bth, sin_bth, bias_bts, kv, index)
+            x_btd, kv = nnx.merge(layer_def, cast_floating(state, dt))(x_btd, cos_bth, sin_bth, bias_bts, kv, index)
+            return _batch_rows(x_btd), kv
 
         layer_fn = _rematted(layer_fn, self.remat)
 
