@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--phases: unknown {sorted(set(phases) - set(PHASES))}; choose from {','.join(PHASES)}")
     if _backend_started() and len(jax.devices()) < args.devices:
         # The CPU device count is fixed when the backend starts: run again in a fresh process.
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                         if not f.startswith("--xla_force_host_platform_device_count"))
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
         raise SystemExit(subprocess.call([sys.executable, "-m", "cream_jax.plan", *(argv if argv is not None else sys.argv[1:])],
                                          env=env))
     if not _backend_started():
