@@ -158,3 +158,31 @@ def test_train_step_is_data_parallel(model):
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_loop_host_paths_split_rows_over_the_mesh_and_equal_one_device(model):
+    """What the loop runs (`engine.host`: sampling, scoring; eval and judges go through the same
+    two) on a data=8 mesh: the scorer the loop jits sees row-split inputs (per-device FLOPs ~1/8),
+    a 10-row batch runs as 16 rows (its mesh bucket), and the outputs equal one device's."""
+    from cream_jax.engine import host
+
+    ids, mask = random_batch(10, 24, CFG.vocab_size, seed=7, left_pad=True, min_len=8)
+    seqs = {"input_ids": ids, "attention_mask": mask, "response_mask": mask * (np.arange(24) >= 12)}
+    tokens = host.TokenSpec(eos_ids=(1,), pad_id=0)
+    outs, costs = [], []
+    for mesh in meshes():
+        graphdef, state = placed(model, mesh)
+        on_mesh = nnx.merge(graphdef, state)
+        assert host.mesh_of(on_mesh).devices.size == mesh.devices.size
+        args = batching.to_global(batching.pad_rows([seqs[k] for k in seqs], 16), mesh)
+        costs.append(flops(scoring._scorer(graphdef).lower(state, *args).compile()))
+        logp, n_tok = host.score_sequences(on_mesh, seqs, batch_size=64)
+        toks, tmask = host.sample_responses(on_mesh, ids[:, :12], mask[:, :12], key=jax.random.key(0), num_samples=2,
+                                            max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=0, tokens=tokens,
+                                            batch_size=64)
+        assert logp.shape == (10,) and toks.shape == (10, 2, 4)
+        outs.append((logp, n_tok, toks, tmask))
+    assert costs[1] / costs[0] < MAX_FLOP_RATIO, costs
+    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=TOL, atol=TOL)
+    for a, b in zip(outs[1][1:], outs[0][1:]):
+        np.testing.assert_array_equal(a, b)
