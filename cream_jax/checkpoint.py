@@ -33,7 +33,11 @@ import logging
 import os
 import re
 import subprocess
+import threading
 import time
+import uuid
+import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+from cream_jax.errors import CheckpointError
 
 PyTree = Any
 
@@ -54,6 +60,7 @@ _BYTES_TAG = "__bytes_b64__"
 # that are plain integers, so these are invisible to it.
 _CORRUPT_PREFIX = "corrupt_step_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_CORRUPT_MODEL_PREFIX = "corrupt_"
 RUN_INFO_FILE = "run.json"
 OPERATIVE_CONFIG_FILE = "operative_config.gin"
 
@@ -182,6 +189,79 @@ def _saved_shapes(metadata_tree: PyTree) -> PyTree:
 
 
 # ---------------------------------------------------------------------------------------------
+# Failed asynchronous writes: one line, and no hang at interpreter exit
+# ---------------------------------------------------------------------------------------------
+
+# Every open RunCheckpointer / ModelStore, so the CLI's exit path can finish their writes.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def _probe_writable(directory: Path, what: str) -> None:
+    """Creates and removes a file in ``directory``: refuses a read-only or full filesystem before
+    orbax starts background threads that would fail there."""
+    probe = directory / f".write_probe_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"{what}: cannot write to {directory} ({e.strerror or e}); "
+                              "make it writable (or free space) and rerun to resume") from None
+
+
+def _unblock_failed_background_writes() -> None:
+    """Wakes orbax's background threads that wait for a step of a save that failed.
+
+    A failed step of an asynchronous save (e.g. creating ``<step>.orbax-checkpoint-tmp`` in a
+    read-only directory) never sets the signal that the save's later threads wait for; they are
+    non-daemon threads with a 20-minute timeout, so the interpreter would hang at exit. Called only
+    after a save failed: every thread still waiting belongs to a save that can no longer succeed.
+    """
+    try:
+        from orbax.checkpoint._src.futures import future as orbax_future  # noqa: PLC0415
+    except ImportError:  # another orbax layout: nothing we know how to unblock
+        return
+    # The abandoned save's coroutines are never awaited; Python would say so at exit, after the error.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    for thread in threading.enumerate():
+        if isinstance(thread, orbax_future._SignalingThread) and thread.is_alive():  # noqa: SLF001
+            thread._cancelled = True  # noqa: SLF001 - it returns without running its target once woken
+            try:
+                orbax_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)  # noqa: SLF001
+            except Exception:  # noqa: BLE001, S110 - best effort on an exit path
+                pass
+
+
+def _finish(wait: Callable[[], None], close: Callable[[], None], what: str) -> None:
+    """Waits for pending writes, then closes; a failed write is one CheckpointError line."""
+    try:
+        wait()
+    except Exception as e:  # noqa: BLE001 - orbax re-raises the background thread's error
+        _unblock_failed_background_writes()
+        try:
+            close()
+        except Exception:  # noqa: BLE001, S110 - the first error is the one to report
+            pass
+        raise CheckpointError(f"{what}: an asynchronous write failed ({_first_line(e)}); "
+                              "the last committed checkpoint is kept") from e
+    close()
+
+
+def close_all() -> None:
+    """Completes (or, after a failure, abandons) every open checkpointer's pending writes and
+    closes it. The CLI's exit path (`cream_jax.errors.run_cli`) calls it; errors were reported."""
+    for owner in list(_OPEN):
+        try:
+            owner.close()
+        except Exception:  # noqa: BLE001, S110 - already failed once; exiting now
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
 # RunCheckpointer
 # ---------------------------------------------------------------------------------------------
 
@@ -236,6 +316,8 @@ class RunCheckpointer:
         )
         self._mgr = ocp.CheckpointManager(self.directory, options=options, handler_registry=_registry())
         self.restored_step: int | None = None
+        self._closed = False
+        _OPEN.add(self)
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -281,15 +363,34 @@ class RunCheckpointer:
         }
         if has_state:  # orbax refuses an empty tree; a progress-only checkpoint has no state item
             items["state"] = ocp.args.StandardSave(state)
-        return bool(self._mgr.save(step, args=ocp.args.Composite(**items), force=True))
+        if jax.process_index() == 0:
+            _probe_writable(self.directory, f"checkpoint {step}")
+        try:
+            return bool(self._mgr.save(step, args=ocp.args.Composite(**items), force=True))
+        except OSError as e:
+            _unblock_failed_background_writes()
+            raise CheckpointError(f"checkpoint {step} in {self.directory}: {_first_line(e)}") from e
 
     def wait(self) -> None:
-        """Blocks until every pending asynchronous save is committed (renamed into place)."""
-        self._mgr.wait_until_finished()
+        """Blocks until every pending asynchronous save is committed (renamed into place).
+
+        Raises:
+          CheckpointError: a pending save failed (its background threads are released).
+        """
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax re-raises the background thread's error
+            _unblock_failed_background_writes()
+            raise CheckpointError(f"{self.directory}: an asynchronous checkpoint write failed ({_first_line(e)}); "
+                                  "the last committed checkpoint is kept") from e
 
     def close(self) -> None:
-        self.wait()
-        self._mgr.close()
+        """Waits for pending saves and closes; idempotent. A failed save still closes, then raises."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN.discard(self)
+        _finish(self._mgr.wait_until_finished, self._mgr.close, f"checkpoints in {self.directory}")
 
     def __enter__(self) -> RunCheckpointer:
         return self
@@ -364,7 +465,7 @@ class RunCheckpointer:
                 self._quarantine(bad)
             self.restored_step = candidate
             return out
-        raise RuntimeError(
+        raise CheckpointError(
             f"RunCheckpointer.restore: none of the checkpoints {steps} in {self.directory} can be read; "
             f"the newest failed with {type(first_error).__name__}: {str(first_error).splitlines()[0][:300]}"
         ) from first_error
@@ -429,6 +530,8 @@ class ModelStore:
         self.directory = Path(directory).absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        self._closed = False
+        _OPEN.add(self)
 
     def _path(self, name: str) -> Path:
         if not isinstance(name, str) or not _NAME_RE.match(name) or ".orbax-checkpoint-tmp" in name:
@@ -438,18 +541,25 @@ class ModelStore:
     def save(self, name: str, params: PyTree) -> None:
         """Writes ``params`` (pytree of arrays) under ``name`` atomically (tmp dir + rename)."""
         path = self._path(name)
-        self._ckptr.wait_until_finished()
-        self._ckptr.save(path, args=ocp.args.StandardSave(params), force=True)
+        self.wait()
+        if jax.process_index() == 0:
+            _probe_writable(self.directory, f"model snapshot {name!r}")
+        try:
+            self._ckptr.save(path, args=ocp.args.StandardSave(params), force=True)
+        except OSError as e:
+            _unblock_failed_background_writes()
+            raise CheckpointError(f"model snapshot {name!r} in {self.directory}: {_first_line(e)}") from e
 
     def exists(self, name: str) -> bool:
         path = self._path(name)
-        self._ckptr.wait_until_finished()
+        self.wait()
         return path.is_dir() and bool(ocp.step.is_checkpoint_finalized(path))
 
     def names(self) -> list[str]:
-        """Names of the committed models, sorted."""
-        self._ckptr.wait_until_finished()
-        return sorted(p.name for p in self.directory.iterdir() if _NAME_RE.match(p.name) and self.exists(p.name))
+        """Names of the committed models, sorted (snapshots moved aside as damaged excluded)."""
+        self.wait()
+        return sorted(p.name for p in self.directory.iterdir()
+                      if _NAME_RE.match(p.name) and not p.name.startswith(_CORRUPT_MODEL_PREFIX) and self.exists(p.name))
 
     def load(self, name: str, abstract_params: PyTree | None = None) -> PyTree:
         """Reads the params saved under ``name``.
@@ -463,21 +573,53 @@ class ModelStore:
         if not self.exists(name):
             raise FileNotFoundError(f"ModelStore: no model {name!r} in {self.directory}")
         path = self._path(name)
-        if abstract_params is None:
-            args = ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        else:
-            target = _abstract(abstract_params)
-            saved = _saved_shapes(self._ckptr.metadata(path).item_metadata.tree)
-            _check_target(target, saved, f"ModelStore.load (model {name!r} in {self.directory})")
-            args = ocp.args.StandardRestore(target)
-        return self._ckptr.restore(path, args=args)
+        try:
+            if abstract_params is None:
+                args = ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+            else:
+                target = _abstract(abstract_params)
+                saved = _saved_shapes(self._ckptr.metadata(path).item_metadata.tree)
+                _check_target(target, saved, f"ModelStore.load (model {name!r} in {self.directory})")
+                args = ocp.args.StandardRestore(target)
+            params = self._ckptr.restore(path, args=args)
+            if abstract_params is not None:  # a damaged chunk may read as zeros; shapes were checked above
+                jax.block_until_ready(params)
+            return params
+        except _TargetMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure means the snapshot is damaged
+            moved = self._quarantine(name)
+            raise CheckpointError(
+                f"model snapshot {name!r} ({path}) cannot be read ({_first_line(e)}); it was moved to {moved}. "
+                "Rerun the same command: a stage whose output is missing is recomputed from the last checkpoint"
+            ) from e
+
+    def _quarantine(self, name: str) -> Path:
+        """Moves a damaged snapshot aside, so ``exists(name)`` is False and the stage reruns."""
+        src = self.directory / name
+        dst = self.directory / f"{_CORRUPT_MODEL_PREFIX}{name}_{time.time_ns()}"
+        if jax.process_index() == 0:
+            _log.warning("moving unreadable model snapshot %s to %s", src, dst)
+            os.replace(src, dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"cream_jax_quarantine_model_{name}")
+        return dst
 
     def wait(self) -> None:
-        self._ckptr.wait_until_finished()
+        """Blocks until pending writes are committed; a failed one raises CheckpointError."""
+        try:
+            self._ckptr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax re-raises the background thread's error
+            _unblock_failed_background_writes()
+            raise CheckpointError(f"{self.directory}: an asynchronous model snapshot write failed ({_first_line(e)})") from e
 
     def close(self) -> None:
-        self._ckptr.wait_until_finished()
-        self._ckptr.close()
+        """Waits for pending writes and closes; idempotent. A failed write still closes, then raises."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN.discard(self)
+        _finish(self._ckptr.wait_until_finished, self._ckptr.close, f"model snapshots in {self.directory}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ sections were constructed with those bindings applied.
 
 Sections and their gin names:
   Model, Suite, Data, Pretrain, SFT, Sampling, Reward (shared by every method), CREAM, SRLM, SeRA,
-  SCIR, LengthControl, MetaRewarding (one per method), DPO, Eval, Mesh, Run
+  SCIR, LengthControl, MetaRewarding (one per method), DPO, Eval, Mesh, Guard, Run
 """
 
 from __future__ import annotations
@@ -195,6 +195,17 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """Sanity limits: cream_jax.validate (before the run) and cream_jax.guards (during training)."""
+
+    warmup_logs: int = 3  # logged steps of a phase before the loss / gradient-norm limits apply
+    loss_factor: float = 10.0  # stop when loss > factor * |running median| (and > 1)
+    grad_norm_factor: float = 100.0  # stop when the gradient norm > factor * its running median (and > 1)
+    param_growth: float = 100.0  # stop when the parameter norm grows by more than this factor in a phase
+    allow: tuple[str, ...] = ()  # rule keys whose sanity limit is waived, e.g. ("DPOOptim.learning_rate",)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     method: str = "cream"
     iterations: int = 2
@@ -219,6 +230,7 @@ class RunConfig:
     dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
+    guard: GuardConfig = GuardConfig()
 
     def __post_init__(self):
         validate(self)
@@ -308,6 +320,7 @@ _SECTIONS = {
     "DPO": ("dpo", DPOConfig),
     "Eval": ("eval", EvalConfig),
     "Mesh": ("mesh", MeshConfig),
+    "Guard": ("guard", GuardConfig),
 }
 # Optimizers are nested per stage; each gets its own gin name (PretrainOptim.learning_rate = ...).
 _OPTIM_SECTIONS = {"PretrainOptim": "pretrain", "SFTOptim": "sft", "DPOOptim": "dpo"}

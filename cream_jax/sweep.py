@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cream_jax import errors
+
 _AXIS_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*\[(.*)\]\s*$", re.DOTALL)
 
 
@@ -24,7 +26,7 @@ def parse_axis(text: str) -> tuple[str, list[str]]:
     """``'DPO.beta=[0.05, 0.1]'`` -> ``("DPO.beta", ["0.05", "0.1"])`` (values kept as gin text)."""
     m = _AXIS_RE.match(text)
     if not m:
-        raise ValueError(f"--sweep {text!r}: expected 'Configurable.param=[v1, v2, ...]'")
+        raise errors.ConfigError(f"--sweep {text!r}: expected 'Configurable.param=[v1, v2, ...]'")
     name, body = m.group(1), m.group(2)
     values, depth, current, quote = [], 0, "", None
     for ch in body:  # split on top-level commas; tuples, lists and strings may contain commas
@@ -45,7 +47,7 @@ def parse_axis(text: str) -> tuple[str, list[str]]:
     if current.strip():
         values.append(current.strip())
     if not values:
-        raise ValueError(f"--sweep {text!r}: no values")
+        raise errors.ConfigError(f"--sweep {text!r}: no values")
     return name, values
 
 
@@ -74,7 +76,26 @@ def finished(workdir: Path, iterations_expected: int | None) -> bool:
     return len(done) >= n
 
 
+def check_grid(gin_files: list[str], shared: list[str], grid: list[list[str]]) -> None:
+    """Parses and validates every point's config before the first run starts, so a bad value in
+    the last point does not surface after hours (errors name the point's bindings)."""
+    from cream_jax import config as config_lib, validate  # noqa: PLC0415 - gin and jax only when running
+
+    for bindings in grid:
+        try:
+            config_lib.parse_gin(gin_files, shared + bindings)
+            validate.check_gin_bindings()
+            validate.check_config(config_lib.build_run_config())
+        except ValueError as e:
+            raise errors.ConfigError(f"sweep point {'; '.join(bindings)}: {errors.one_line(e)}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The sweep CLI; every failure is one ``error: <what>: <why>`` line (cream_jax.errors)."""
+    return errors.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cream_jax.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--gin_file", action="append", default=[])
     parser.add_argument("--gin_param", action="append", default=[], help="binding shared by every run")
@@ -82,11 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="runs/sweep", help="parent directory of the runs' workdirs")
     parser.add_argument("--dry_run", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        grid = expand(args.sweep)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    grid = expand(args.sweep)
+    if not args.dry_run:
+        check_grid(args.gin_file, args.gin_param, grid)
     failures = 0
     for i, bindings in enumerate(grid):
         workdir = Path(args.root) / run_name(bindings)

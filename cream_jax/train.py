@@ -18,9 +18,8 @@ from pathlib import Path
 
 import jax
 
-from cream_jax import config as config_lib, distributed
+from cream_jax import config as config_lib, distributed, errors, validate
 from cream_jax.loop.stages import run_loop
-from cream_jax.loop.trainer import NonFiniteLoss
 
 log = logging.getLogger("cream_jax")
 
@@ -34,6 +33,11 @@ __all__ = ["main", "run_loop"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; every failure is one ``error: <what>: <why>`` line and its exit code (cream_jax.errors)."""
+    return errors.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cream_jax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable); default configs/tiny_cpu.gin")
     parser.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'DPO.beta = 0.05' (repeatable)")
@@ -48,17 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "cream_jax" / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     files = args.gin_file or default_gin_files()
-    try:
-        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-        config_lib.parse_gin(files, args.gin_param)
-        cfg = config_lib.build_run_config()
-        run_loop(cfg, args.workdir or DEFAULT_WORKDIR)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    config_lib.parse_gin(files, args.gin_param)
+    validate.check_gin_bindings()
+    cfg = config_lib.build_run_config()
+    run_loop(cfg, args.workdir or DEFAULT_WORKDIR)
     return 0
 
 

@@ -420,6 +420,43 @@ def test_model_store(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_model_snapshot_is_moved_aside(tmp_path, damage):
+    """A snapshot that cannot be read is moved aside, named in one CheckpointError line, and no
+    longer exists, so the trainer recomputes that stage on the next run."""
+    store = ck.ModelStore(tmp_path / "models")
+    m0 = _params(0)
+    store.save("m0", m0)
+    store.save("m1", _params(1))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), m0)
+    data_files = [f for f in (tmp_path / "models" / "m0").rglob("*") if f.is_file() and "d" == f.parent.name]
+    assert data_files
+    for f in data_files:
+        if damage == "truncate":
+            f.write_bytes(f.read_bytes()[:10])
+        else:
+            f.unlink()
+    with pytest.raises(ck.CheckpointError, match=r"model snapshot 'm0' \(.*models/m0\) cannot be read .* moved to "):
+        store.load("m0", target)
+    assert not store.exists("m0") and store.names() == ["m1"]
+    assert len(list((tmp_path / "models").glob("corrupt_m0_*"))) == 1
+    store.save("m0", m0)  # the recomputed snapshot takes the name again
+    jax.tree.map(_leaf_equal, m0, store.load("m0", target))
+    store.close()
+    store.close()  # idempotent
+
+
+def test_close_all_finishes_every_open_writer(tmp_path):
+    ckpt = ck.RunCheckpointer(tmp_path / "ck")
+    store = ck.ModelStore(tmp_path / "models")
+    ckpt.save(1, _params(0), {"step": 1})
+    store.save("m0", _params(0))
+    ck.close_all()
+    assert ck.RunCheckpointer(tmp_path / "ck").all_steps() == [1]
+    assert ck.ModelStore(tmp_path / "models").exists("m0")
+    assert ckpt not in ck._OPEN and store not in ck._OPEN
+
+
 # ----------------------------------------------------------------------------------- run identity
 
 

@@ -46,6 +46,12 @@ def test_cli_writes_every_output(smoke_run):
     assert 0.0 <= it["consistency"]["mean"] <= 1.0 and it["consistency"]["std"] >= 0.0
     assert it["pairs_kept"] > 0
     assert {"sample", "score", "train", "eval"} <= set(it["seconds"])
+    # Skipped and truncated rows are counted per source (the embedded suite has neither).
+    inputs = rows[0]["inputs"]
+    assert inputs["sft"] == {"rows": 64, "skipped": 0, "truncated": 0}
+    assert inputs["prompts"]["1"] == {"skipped": 0, "rows": 16, "unused": 0, "truncated": 0}
+    assert inputs["eval_tasks"] == {"arith": {"rows": 8, "truncated": 0}, "choice": {"rows": 8, "truncated": 0}}
+    assert it["prompts_truncated"] == 0
     with open(workdir / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 3 and "consistency/mean" in table[0]
@@ -87,25 +93,27 @@ def test_finished_workdir_reruns_nothing_and_other_config_is_refused(smoke_run, 
     other = cli(workdir, "--gin_param", "DPO.beta = 0.5", check=False)
     assert other.returncode == 2
     line = other.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: workdir") and "different config" in line
+    assert line.startswith("error: config: workdir") and "different config" in line
 
 
 @pytest.mark.parametrize(
-    "binding, message",
+    "binding, message, code",
     [
-        ("Run.method = 'nope'", "method='nope' is not one of"),
-        ("Data.sft_path = '/nonexistent/sft.json'", "/nonexistent/sft.json"),
-        ("Suite.pool_per_iteration = 0", "prompt pool of iteration 1 is empty"),
-        ("Data.on_overflow = 'error'", "Data.max_prompt_len"),
-        ("Model.max_position_embeddings = 64", "exceed the model's context of 64"),
+        ("Run.method = 'nope'", "Run.method: 'nope' must be one of", 2),
+        ("Data.sft_path = '/nonexistent/sft.json'", "/nonexistent/sft.json", 4),
+        ("Suite.pool_per_iteration = 0", "prompt pool of iteration 1 is empty", 4),
+        ("Data.on_overflow = 'error'", "Data.max_prompt_len", 4),
+        ("Model.max_position_embeddings = 64", "exceed the model's context of 64", 2),
     ],
 )
-def test_bad_input_is_one_line_error(tmp_path, binding, message):
+def test_bad_input_is_one_line_error(tmp_path, binding, message, code):
     extra = ["--gin_param", binding]
     if "on_overflow" in binding:
         extra += ["--gin_param", "Data.max_prompt_len = 8"]
+    if "sft_path" in binding:
+        extra += ["--gin_param", "Data.prompt_paths = ('/nonexistent/p1.json', '/nonexistent/p2.json')"]
     proc = cli(tmp_path / "run", *extra, check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last
 
@@ -115,7 +123,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path):
     workdir = tmp_path / "nan"
     copy_models(reference, workdir)
     proc = cli(workdir, "--gin_param", "DPOOptim.learning_rate = 1e39",
-               check=False)
+               "--gin_param", "Guard.allow = ('DPOOptim.learning_rate',)", check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "non-finite" in proc.stderr or "NaN" in proc.stderr
     assert not (workdir / "models" / "m2").exists()

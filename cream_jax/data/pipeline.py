@@ -64,6 +64,14 @@ def _encode_many(tokenizer, texts: list[str], offsets: bool = True) -> list[tupl
     return [(list(ids), list(o)) for ids, o in zip(enc["input_ids"], offs)]
 
 
+def token_lengths(tokenizer, messages_list: Sequence[list[dict]], add_generation_prompt: bool) -> list[int]:
+    """Tokens of each rendered chat: what `encode_sft` (``add_generation_prompt=False``) and
+    `encode_prompts` (True) compare with their maximum length, so truncations can be counted
+    before anything is encoded."""
+    texts = [_render(tokenizer, m, add_generation_prompt) for m in messages_list]
+    return [len(ids) for ids, _ in _encode_many(tokenizer, texts, offsets=False)]
+
+
 def _prefix(tokenizer, messages: list[dict], upto: int, generation: bool, full: str, name: str) -> int:
     """Length in characters of the rendered ``messages[:upto]``, checked to prefix ``full``."""
     head = _render(tokenizer, messages[:upto], generation) if upto else ""

@@ -1,8 +1,8 @@
 """Loaders for user data with validation: SFT chats, prompt pools, eval sets, preference pairs.
 
 Files are JSON (a dict keyed by uuid, or a list of rows), JSONL (one row per line) or parquet
-(read through ``datasets``). Every record is validated; a bad one raises a one-line ValueError
-naming the file, the record (key, row or line) and what is wrong, or with ``on_error="skip"`` is
+(read through ``datasets``). Every record is validated; a bad one raises a one-line `DataError`
+(a ValueError) naming the file, the record (key, row or line) and what is wrong, or with ``on_error="skip"`` is
 dropped and counted. `parse_records` does the same on any iterable of ``(key, record)`` pairs, so
 rows of a Hugging Face dataset, mapped into one of these schemas, take the same path.
 
@@ -15,7 +15,9 @@ Accepted schemas (output items in brackets):
 * ``"prompts"``: CREAM ``{uuid: [{"role": "user", ...}]}``; rows with "prompt" (a string or
   messages) or "messages". [{"id", "messages"} ending with a user turn (+ "task", "answer")]
 * ``"eval"``: rows ``{uuid|id, question, label, task?}`` (list, JSONL, or a dict keyed by uuid).
-  [{"id", "question", "label" (str), "task"}]
+  [{"id", "question", "label" (str), "task"}] -- the task must be known to the verifier
+  (`cream_jax.evaluate.TASK_KINDS`); a multiple-choice label must be one of the question's
+  options "(A) ... (B) ...", a numeric label a number.
 * ``"pairs"``: rows ``{prompt, chosen, rejected}`` (TRL style: strings, or message lists whose
   last assistant turn is the response); CREAM's DPO file ``{uuid: {"prompt", "selected",
   "rejected", "consistency"}}``. [{"id", "prompt" (messages), "chosen", "rejected"} (+
@@ -29,9 +31,23 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from cream_jax import evaluate
+from cream_jax.errors import DataError
+
 KINDS = ("sft", "prompts", "eval", "pairs")
 ROLES = ("system", "user", "assistant")
 ON_ERROR = ("raise", "skip")
+
+
+def _read_text(path: Path) -> str:
+    """UTF-8 text of a file; a bad byte is named by its offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) "
+                        f"({e.reason}); re-encode the file as UTF-8") from None
 
 
 class Loaded(NamedTuple):
@@ -57,23 +73,25 @@ def read_records(path: str | Path) -> list[tuple[str, str | None, Any]]:
     or parquet, "line n" for JSONL (1-based); ``key`` is the dict key (the uuid) or None. A JSONL
     line that is not JSON is reported by `parse_records` like any bad record.
     """
+    if not isinstance(path, (str, Path)):
+        raise DataError(f"{path!r}: a file path must be a string, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(path))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
+            raise DataError(f"{path}: invalid JSON ({e})") from None
         if isinstance(data, dict):
             return [(f"key {k!r}", k, v) for k, v in data.items()]
         if isinstance(data, list):
             return [(f"row {i}", None, v) for i, v in enumerate(data)]
-        raise ValueError(f"{path}: top level must be a dict or a list, got {type(data).__name__}")
+        raise DataError(f"{path}: top level must be a dict or a list, got {type(data).__name__}")
     if suffix == ".jsonl":
         out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(_read_text(path).splitlines(), start=1):
             if line.strip():
                 try:
                     out.append((f"line {n}", None, json.loads(line)))
@@ -85,7 +103,7 @@ def read_records(path: str | Path) -> list[tuple[str, str | None, Any]]:
 
         rows = datasets.Dataset.from_parquet(str(path))
         return [(f"row {i}", None, dict(row)) for i, row in enumerate(rows)]
-    raise ValueError(f"{path}: unsupported extension {suffix!r} (use .json, .jsonl or .parquet)")
+    raise DataError(f"{path}: unsupported extension {suffix!r} (use .json, .jsonl or .parquet)")
 
 
 def _record_id(key: str | None, record: Any, source: str, index: int) -> str:
@@ -162,6 +180,33 @@ def _extras(record: dict, item: dict, fields: tuple[str, ...]) -> dict:
     return item
 
 
+def _kind(task: Any) -> str:
+    """The verifier's answer kind of a task name ("choice" | "numeric")."""
+    try:
+        return evaluate.task_kind(task)
+    except ValueError:
+        raise _Bad(f"task {task!r} is unknown to the verifier (known: {', '.join(sorted(evaluate.TASK_KINDS))}, "
+                   f"or a kind {evaluate.KINDS})") from None
+
+
+def _check_answer(task: str, label: str, question: str | None, field: str) -> None:
+    """A numeric label must be a number; a choice label an option letter (of the question's options)."""
+    kind = _kind(task)
+    if kind == "numeric":
+        if evaluate.normalize_number(label) is None:
+            raise _Bad(f"field {field!r}={label!r} is not a number (task {task!r} is numeric)")
+        return
+    letter = evaluate.normalize_label(label, "choice")
+    if len(letter) != 1 or not ("A" <= letter <= "E" or "1" <= letter <= "9"):
+        raise _Bad(f"field {field!r}={label!r} is not an option letter A-E or number 1-9 (task {task!r} is multiple choice)")
+    options = evaluate.parse_options(question) if question else []
+    if options:
+        index = ord(letter) - ord("A") if letter.isalpha() else int(letter) - 1
+        if index >= len(options):
+            letters = "".join(chr(ord("A") + i) for i in range(len(options)))
+            raise _Bad(f"field {field!r}={label!r} is not one of the question's options ({', '.join(letters)})")
+
+
 def _parse_sft(record: Any, rid: str) -> dict:
     if isinstance(record, list):
         return {"id": rid, "messages": _messages(record, "messages", "assistant")}
@@ -188,7 +233,14 @@ def _parse_prompts(record: Any, rid: str) -> dict:
                     else [{"role": "user", "content": _text(record, "prompt")}])
     else:
         raise _Bad("missing field 'prompt' (or 'messages')")
-    return _extras(record, {"id": rid, "messages": messages}, ("task", "answer"))
+    item = _extras(record, {"id": rid, "messages": messages}, ("task", "answer"))
+    if "task" in item:
+        _kind(item["task"])
+    if "answer" in item:
+        if "task" not in item:
+            raise _Bad("field 'answer' needs a 'task' (it says how the verifier reads the answer)")
+        _check_answer(item["task"], item["answer"], messages[-1]["content"], "answer")
+    return item
 
 
 def _parse_eval(record: dict, rid: str, task: str | None) -> dict:
@@ -203,6 +255,7 @@ def _parse_eval(record: dict, rid: str, task: str | None) -> dict:
         raise _Bad("missing field 'task' (or pass task=...)")
     if not isinstance(record_task, str) or not record_task:
         raise _Bad(f"field 'task' must be a non-empty string, got {record_task!r}")
+    _check_answer(record_task, str(label).strip(), question, "label")
     return {"id": rid, "question": question, "label": str(label).strip(), "task": record_task}
 
 
@@ -276,7 +329,7 @@ def parse_records(
         except _Bad as e:
             message = f"{source}: {where}: {e}"
             if on_error == "raise":
-                raise ValueError(message) from None
+                raise DataError(message) from None
             errors.append(message)
             continue
         seen.add(rid)
@@ -287,7 +340,7 @@ def parse_records(
 def _load(kind: str, path: str | Path, on_error: str, task: str | None = None) -> Loaded:
     loaded = parse_records(kind, read_records(path), source=str(path), on_error=on_error, task=task)
     if not loaded.items:
-        raise ValueError(f"{path}: no valid {kind} records ({loaded.n_skipped} skipped)")
+        raise DataError(f"{path}: no valid {kind} records ({loaded.n_skipped} skipped)")
     return loaded
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cream_jax import checkpoint, config as config_lib, evaluate, methods, metrics, sharding, steps
+from cream_jax import checkpoint, config as config_lib, evaluate, methods, metrics, sharding, steps, validate
 from cream_jax.config import RunConfig
 from cream_jax.data import pipeline, sources, synthetic
 from cream_jax.engine.host import TokenSpec, decode_responses, sample_responses
@@ -135,6 +135,7 @@ class Run:
     save_counter: int = 0
     results: list = dataclasses.field(default_factory=list)
     models: dict = dataclasses.field(default_factory=dict)  # name -> params resident on the mesh
+    inputs: dict = dataclasses.field(default_factory=dict)  # rows skipped / truncated per source (validate.count_inputs)
 
     def model(self, params) -> Llama:
         return nnx.merge(self.graphdef, params)
@@ -201,6 +202,7 @@ def _remat_mode(model: config_lib.ModelConfig) -> str:
 
 def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
     """Creates the run context (method, mesh, tokenizer, M0's initial params, writers, checkpointer)."""
+    inputs = validate.check_run(cfg, workdir)  # everything checked before anything is written
     method = methods.create(cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -215,15 +217,16 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
             f"Pretrain.seq_len) exceed the model's context of {mc.max_position_embeddings} (max_position_embeddings)"
         )
     data = load_task_data(cfg)
+    inputs = validate.count_inputs(cfg, tok, data.sft, data.pools, data.tests, inputs)
     _check_prompt_pools(cfg, tok, data)
     run = Run(
         cfg=cfg, method=method, workdir=workdir, mesh=mesh, tokenizer=tok, tokens=TokenSpec.from_tokenizer(tok),
         model_config=mc, graphdef=graphdef, data=data,
         ckpt=checkpoint.RunCheckpointer(workdir / "checkpoints", max_to_keep=2),
-        store=checkpoint.ModelStore(workdir / "models"), writer=metrics.MetricWriter(workdir / "logs"),
+        store=checkpoint.ModelStore(workdir / "models"), writer=metrics.MetricWriter(workdir / "logs"), inputs=inputs,
     )
     run.trainer = trainer_lib.Trainer(graphdef, mesh, run.writer, run.save, cfg.checkpoint_every, run.ckpt.directory,
-                                      remat=_remat_mode(cfg.model))
+                                      remat=_remat_mode(cfg.model), guard=cfg.guard)
     return run, params
 
 
@@ -373,7 +376,7 @@ def _run_stages(run: Run, params0: Any) -> dict:
         acc, samples = evaluate_model(run, m1, jax.random.fold_in(key, 0))
         run.results.append({"iteration": 0, "model": "M1", "accuracy": acc, "reward_accuracy": None,
                             "consistency": None, "pairs_kept": None,
-                            "seconds": {**stage_seconds, "eval": time.perf_counter() - tic}})
+                            "seconds": {**stage_seconds, "eval": time.perf_counter() - tic}, "inputs": run.inputs})
         metrics.log_samples(run.workdir, 0, [{"eval": s} for s in samples])
         _write_outputs(run)
         run.save({}, {"stage": "iteration", "iteration": 1, "phase": "curate", "step": 0})
@@ -428,7 +431,8 @@ def _run_iteration(run: Run, t: int, policy: Any, it_key: jax.Array, res: dict |
            "consistency": None if stats["consistency"]["mean"] is None else  # no self-ranker (the oracle)
            {"mean": stats["consistency"]["mean"], "std": stats["consistency"]["std"]},
            "pairs_kept": stats["pairs_kept"], "pairs_dropped": stats["pairs_dropped"],
-           "scored_models": stats["scored_models"], "prompts": stats["prompts"], "method": stats.get("method", {}),
+           "scored_models": stats["scored_models"], "prompts": stats["prompts"], "prompts_truncated": stats["prompts_truncated"],
+           "method": stats.get("method", {}),
            "seconds": seconds,
            "compiles": COMPILES.count - compiles_before}
     run.results.append(row)

@@ -21,16 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cream_jax import checkpoint, config as config_lib, metrics, sharding, steps
+from cream_jax import checkpoint, config as config_lib, guards, metrics, sharding, steps
 from cream_jax.data import pipeline
 from cream_jax.engine import batching
+from cream_jax.errors import Divergence
 
 log = logging.getLogger("cream_jax")
 
 PAD = -1  # index of a zero-weight padding row in an epoch order
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(Divergence):
     """A train step produced NaN/inf; the last good checkpoint is kept."""
 
 
@@ -56,6 +57,7 @@ class Trainer:
       save: ``save(state, progress, extra)`` writes a checkpoint (the stage machine's).
       checkpoint_every: train steps between mid-phase checkpoints (0: none).
       checkpoint_dir: named in error messages.
+      guard: the divergence limits (``config.GuardConfig``; cream_jax.guards).
     """
 
     graphdef: Any
@@ -65,6 +67,7 @@ class Trainer:
     checkpoint_every: int = 0
     checkpoint_dir: Any = None
     remat: bool | str | None = None  # Model.remat as a mode: "none" | "full" | "matmuls"
+    guard: config_lib.GuardConfig = config_lib.GuardConfig()
     _steps: dict = dataclasses.field(default_factory=dict)
 
     def step_fn(self, loss_key: Any, loss_fn: Callable, optim: config_lib.OptimConfig, params: Any):
@@ -107,6 +110,7 @@ class Trainer:
             loader = pipeline.make_loader(list(range(n)), bs, seed=seed, shuffle=True, num_epochs=None, drop_remainder=False)
         train_step, optimizer = self.step_fn(loss_key, loss_fn, optim, params)
         state = steps.init_train_state(params, optimizer, jax.random.key(seed))
+        guard = guards.DivergenceGuard(self.guard, name, params, keep=self.checkpoint_dir)
         start = 0
         if resume is not None and int(resume["progress"].get("step", 0)) > 0:
             state = resume["state"]["train"]
@@ -134,15 +138,18 @@ class Trainer:
                 if not all(math.isfinite(v) for v in host.values()):
                     raise NonFiniteLoss(f"{name}: non-finite metrics at step {step + 1}: {host}; last good checkpoint "
                                         f"kept in {self.checkpoint_dir}")
+                guard.observe(step + 1, host)
                 self.writer.scalars(global_step(progress_base, step + 1), {f"{name}/{k}": v for k, v in host.items()})
                 bar.set_postfix(loss=f"{host['loss']:.4f}")
             bar.update(1)
             if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0 and step + 1 < total_steps:
                 self._check_finite(name, state, step + 1)
+                guard.check_params(step + 1, state["params"])
                 saved = {"train": state} if progress_base["stage"] != "iteration" else {"train": state, "records": records}
                 self.save(saved, {**progress_base, "phase": "train", "step": step + 1}, {"loader": loader.get_state()})
         bar.close()
         self._check_finite(name, state, total_steps)
+        guard.check_params(total_steps, state["params"])
         return state["params"]
 
     def _check_finite(self, name: str, state: dict, step: int) -> None:
