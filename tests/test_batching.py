@@ -169,6 +169,7 @@ def test_loop_host_paths_split_rows_over_the_mesh_and_equal_one_device(model):
     ids, mask = random_batch(10, 24, CFG.vocab_size, seed=7, left_pad=True, min_len=8)
     seqs = {"input_ids": ids, "attention_mask": mask, "response_mask": mask * (np.arange(24) >= 12)}
     tokens = host.TokenSpec(eos_ids=(1,), pad_id=0)
+    p_ids, p_mask = random_batch(10, 12, CFG.vocab_size, seed=8, left_pad=True, min_len=4)
     outs, costs = [], []
     for mesh in meshes():
         graphdef, state = placed(model, mesh)
@@ -177,7 +178,7 @@ def test_loop_host_paths_split_rows_over_the_mesh_and_equal_one_device(model):
         args = batching.to_global(batching.pad_rows([seqs[k] for k in seqs], 16), mesh)
         costs.append(flops(scoring._scorer(graphdef).lower(state, *args).compile()))
         logp, n_tok = host.score_sequences(on_mesh, seqs, batch_size=64)
-        toks, tmask = host.sample_responses(on_mesh, ids[:, :12], mask[:, :12], key=jax.random.key(0), num_samples=2,
+        toks, tmask = host.sample_responses(on_mesh, p_ids, p_mask, key=jax.random.key(0), num_samples=2,
                                             max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=0, tokens=tokens,
                                             batch_size=64)
         assert logp.shape == (10,) and toks.shape == (10, 2, 4)
