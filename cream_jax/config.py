@@ -33,7 +33,9 @@ class ModelConfig:
 
     source: str = "embedded"
     tokenizer: str | None = None  # None: the checkpoint folder, or the embedded tokenizer
-    dtype: str = "float32"  # params and activations; logits are always float32
+    dtype: str = "float32"  # compute dtype (activations, KV cache); logits are always float32
+    param_dtype: str = "float32"  # stored (master) weights; the optimizer updates these (MaxText-style)
+    export_dtype: str | None = None  # HF export tensors; None: the master weights' dtype
     hidden_size: int = 128
     intermediate_size: int = 384
     num_hidden_layers: int = 4
@@ -42,6 +44,7 @@ class ModelConfig:
     max_position_embeddings: int = 256
     rope_theta: float = 10000.0
     remat: bool = False
+    remat_policy: str = "full"  # with remat: "full" (keep layer inputs) | "matmuls" (also weight-matmul outputs)
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,9 @@ _CHOICES = {
     "meta_rewarding.score_readout": ("parsed", "expected"),
     "dpo.loss_type": ("sigmoid", "ipo", "hinge", "simpo"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.export_dtype": (None, "float32", "bfloat16"),
+    "model.remat_policy": ("full", "matmuls"),
     "data.on_overflow": ("truncate", "error"),
     "data.on_bad_row": ("raise", "skip"),
     "nan_policy": ("stop",),

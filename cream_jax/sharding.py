@@ -4,6 +4,11 @@ Model code names every parameter axis logically (``("embed", "mlp")``); this mod
 logical names to mesh axes. The mesh always has the three axes ``("data", "fsdp", "tensor")``;
 on one device every axis has size 1 and all of this is a no-op by construction.
 
+Activations are constrained by logical names too (`constrain`, at block boundaries), against the
+mesh the phase program is traced under (`on_mesh`); without one (eager, single-device use) that is
+a no-op. Without these constraints XLA keeps FSDP's embed-sharded weights in place and replicates
+the batch instead (partial sums all-reduced): per-device FLOPs still fall, activation memory does not.
+
 Logical names used by the code base:
   batch     examples (prompts, pairs)            -> ("data", "fsdp")
   length    sequence positions                   -> replicated
@@ -15,6 +20,7 @@ Logical names used by the code base:
   head_dim  per-head width H                     -> replicated
   layers    the scanned layer axis L             -> replicated
   norm      RMSNorm scales (1-D)                 -> replicated
+  act_embed activations' width D                 -> replicated (weights are gathered, not activations)
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "head_dim": None,
     "layers": None,
     "norm": None,
+    "act_embed": None,
 }
 
 
@@ -202,3 +209,28 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def batch_multiple(mesh: Mesh) -> int:
     """The number every global batch size must be a multiple of on ``mesh``."""
     return _mesh_axis_size(mesh, LOGICAL_AXIS_RULES["batch"])
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``x`` constrained to the sharding its logical axis ``names`` map to on the mesh set by
+    `on_mesh` (``jax.set_mesh``); unchanged when no mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
+
+
+class on_mesh:  # noqa: N801 - used like a function: on_mesh(jax.jit(f, ...), mesh)
+    """A jitted function traced (called or lowered) under ``jax.set_mesh(mesh)``, so the model's
+    `constrain` calls see the mesh. ``.lower(...)`` works as for the jitted function."""
+
+    def __init__(self, jitted: Callable, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)

@@ -24,8 +24,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cream_jax import losses, scoring
+from cream_jax import losses, scoring, sharding
 from cream_jax.config import OptimConfig
+from cream_jax.models.llama import remat_mode
 from cream_jax.sharding import LOGICAL_AXIS_RULES
 
 PyTree = Any
@@ -62,30 +63,49 @@ def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
     return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def init_train_state(params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
-    """A fresh train state on the params' mesh: optimizer moments sharded like their params,
-    scalars (step, counts, RNG key) replicated.
-
-    The params are copied: the step donates its state, and the caller's params (e.g. M_t, still
-    needed as M_{t-1} by the next iteration) must survive.
-    """
+def abstract_train_state(params: PyTree, optimizer: optax.GradientTransformation) -> dict:
+    """The train state's ``jax.ShapeDtypeStruct`` tree (with shardings) for ``params`` (arrays or
+    abstract ``ShapeDtypeStruct`` with shardings): optimizer moments sharded like their params,
+    scalars (step, counts, RNG key) replicated. Built with ``jax.eval_shape``: nothing is allocated."""
     mesh = jax.tree.leaves(params)[0].sharding.mesh
     replicated = NamedSharding(mesh, P())
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    abstract = jax.eval_shape(optimizer.init, params)
+    abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
+                                   param_shardings)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, abstract, param_shardings,
+        optimizer, lambda _, sharding: sharding, abstract_opt, param_shardings,
         transform_non_params=lambda _: replicated,
     )
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return {
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "params": abstract_params,
+        "opt_state": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt,
+                                  opt_shardings),
+        "rng": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+    }
+
+
+def init_train_state(params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
+    """A fresh train state on the params' mesh, laid out as `abstract_train_state`.
+
+    The params are copied: the step donates its state, and the caller's params (e.g. M_t, still
+    needed as M_{t-1} by the next iteration) must survive. Scalars are placed from this process's
+    own copy (``make_array_from_process_local_data``), never by a cross-process ``device_put``.
+    """
+    abstract = abstract_train_state(params, optimizer)
+    replicated = abstract["step"].sharding
+    opt_shardings = jax.tree.map(lambda x: x.sharding, abstract["opt_state"])
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     params = jax.tree.map(lambda x: x.copy(), params)
+    local = lambda x: jax.make_array_from_process_local_data(replicated, x, np.shape(x))  # noqa: E731
     return {
-        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "step": local(np.zeros((), np.int32)),
         "params": params,
         "opt_state": opt_state,
-        # Through the raw key data: a typed key made on one device cannot be device_put across processes.
-        "rng": jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(rng)), replicated),
-                                         impl=jax.random.key_impl(rng)),
+        # Through the raw key data: a typed key made on one device cannot be placed across processes.
+        "rng": jax.random.wrap_key_data(local(np.asarray(jax.random.key_data(rng))), impl=jax.random.key_impl(rng)),
     }
 
 
@@ -191,6 +211,13 @@ def make_scir_loss(beta: float, alpha: float, gamma: float, divergence: str, ver
 # The step factory: one jit site, explicit shardings, donated state.
 
 
+def _with_remat(graphdef: Any, params: PyTree, remat: bool | str) -> Any:
+    """``graphdef`` with its model's ``remat`` attribute set (a static attribute, so at trace time)."""
+    model = nnx.merge(graphdef, params)
+    model.remat = remat
+    return nnx.graphdef(model)
+
+
 def make_train_step(
     loss_fn: LossFn,
     graphdef: Any,
@@ -198,28 +225,35 @@ def make_train_step(
     mesh: Mesh,
     state_sharding: PyTree,
     grad_accum: int = 1,
+    remat: bool | str | None = None,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """Builds ``train_step(state, batch) -> (state, metrics)``, jitted once.
 
     With ``grad_accum > 1`` the batch is split into that many micro-batches along its leading axis,
-    their gradients are summed by a scan, and one update is applied.
+    their gradients are summed by a scan, and one update is applied. ``remat`` (``Model.remat``:
+    False/"none", True/"full", "matmuls"; None keeps the graphdef's own setting) sets the layer
+    rematerialisation of every forward this step differentiates (`cream_jax.models.llama.Llama`),
+    so scoring and sampling programs of the same model are not affected.
     """
+    if remat is not None:
+        remat_mode(remat)  # a bad value fails here, before any compile
     batch_spec = P(LOGICAL_AXIS_RULES["batch"])
 
-    def grads_of(params, batch):
+    def grads_of(graphdef, params, batch):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(graphdef, params, batch)
         return grads, metrics
 
     def step(state, batch):
         lr = batch.pop("lr")
         params = state["params"]
+        step_graphdef = graphdef if remat is None else _with_remat(graphdef, params, remat)
         if grad_accum == 1:
-            grads, metrics = grads_of(params, batch)
+            grads, metrics = grads_of(step_graphdef, params, batch)
         else:
             micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
             def body(acc, mb):
-                g, m = grads_of(params, mb)
+                g, m = grads_of(step_graphdef, params, mb)
                 return jax.tree.map(jnp.add, acc, g), m
 
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -241,7 +275,7 @@ def make_train_step(
 
     compiled = {}
 
-    def train_step(state, batch):
+    def jitted(batch):
         key = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
         if key not in compiled:
             compiled[key] = jax.jit(
@@ -250,6 +284,11 @@ def make_train_step(
                 out_shardings=(state_sharding, replicated),
                 donate_argnums=(0,),
             )
-        return compiled[key](state, batch)
+        return compiled[key]
 
+    def train_step(state, batch):
+        return sharding.on_mesh(jitted(batch), mesh)(state, batch)
+
+    # For cost and memory analysis (tests, `cream_jax.plan`): abstract state and batch work too.
+    train_step.lower = lambda state, batch: sharding.on_mesh(jitted(batch), mesh).lower(state, batch)
     return train_step

@@ -4,8 +4,9 @@ As a script (``python -m tests._multihost_worker --out DIR``) it is one process 
 run: it joins through `cream_jax.distributed.initialize` (JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID from the environment), trains `STEPS` DPO steps on a
 (data=2, fsdp=2, tensor=2) mesh over the devices of all processes, writes a checkpoint with
-`cream_jax.checkpoint.RunCheckpointer` (when there are several processes), and process 0 writes
-the losses and the final params to DIR. The test runs the same functions in one process on 8 devices for the reference.
+`cream_jax.checkpoint.RunCheckpointer` (when there are several processes), exports the trained
+model with `save_hf_llama` and loads the export back with `load_hf_llama` onto the mesh, and
+process 0 writes the losses, the final params and the reloaded params to DIR. The test runs the same functions in one process on 8 devices for the reference.
 
 Shape letters: B pairs, T time.
 """
@@ -25,13 +26,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cream_jax import distributed, sharding, steps
 from cream_jax.checkpoint import RunCheckpointer
 from cream_jax.config import OptimConfig
+from cream_jax.models.hf import load_hf_llama, save_hf_llama
 from cream_jax.models.llama import Llama, LlamaConfig
 
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 # eps=1e-3: Adam's first updates g / (|g| + eps) are ill-conditioned for near-zero gradients (an
-# element off by 1.3e-5 between the 1- and 2-process runs with eps=1e-8, on 39eba0e as well); the
-# comparison is about sharding, not about that.
+# embedding row of a token seen once), where a cross-process reduction order alone moved one entry
+# by 1.3e-5 with eps=1e-8; the comparison is about sharding, not about that.
 OPTIM = OptimConfig(learning_rate=1e-2, weight_decay=0.01, eps=1e-3)
 STEPS = 3
 B, T = 8, 16
@@ -127,10 +129,19 @@ def main() -> None:
         with RunCheckpointer(out / "ckpt", async_save=False) as ckpt:
             ckpt.save(STEPS, state, {"step": STEPS})
     params = host_params(state)
+    # HF export from sharded params (every process gathers, process 0 writes; two files, so the
+    # index is exercised), then a load that reads on each process only its devices' slices.
+    save_hf_llama(nnx.merge(graphdef, state["params"]), CONFIG, str(out / "hf"), max_shard_bytes=200_000)
+    loaded, _ = load_hf_llama(str(out / "hf"), mesh=mesh)
+    loaded_state = nnx.state(loaded, nnx.Param)
+    specs_match = all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(loaded_state), jax.tree.leaves(state["params"])))
+    reloaded = host_params({"params": loaded_state})
     if jax.process_index() == 0:
         np.savez(out / "params.npz", **params)
+        np.savez(out / "reloaded.npz", **reloaded)
         info = {"losses": losses, "mode": joined.mode, "process_count": jax.process_count(),
-                "device_count": jax.device_count(), "local_device_count": jax.local_device_count()}
+                "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+                "reload_shardings_match": specs_match}
         (out / "result.json").write_text(json.dumps(info))
     jax.distributed.shutdown()
 

@@ -109,6 +109,30 @@ def test_bf16_checkpoint(tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_fp32_master_load_with_bf16_compute_and_export_dtype(tmp_path, tiny_ckpt):
+    path, hf = tiny_ckpt
+    ids, mask = random_batch(2, 8, TINY_LLAMA["vocab_size"], seed=9)
+    real = mask > 0
+    mixed, cfg = load_hf_llama(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(mixed, nnx.Param)))
+    m16, _ = load_hf_llama(path, dtype=jnp.bfloat16)
+    # The forward casts the float32 masters to bf16 per layer: the logits of bf16 params exactly.
+    np.testing.assert_array_equal(np.asarray(forward(mixed, ids, mask))[real], np.asarray(forward(m16, ids, mask))[real])
+    # Export: the masters' dtype by default (exact float32 values), or the dtype asked for.
+    save_hf_llama(mixed, cfg, str(tmp_path / "master"))
+    saved = load_file(str(tmp_path / "master" / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {np.dtype(np.float32)}
+    for name, p in hf.state_dict().items():
+        np.testing.assert_array_equal(saved[name], p.numpy(), err_msg=name)
+    assert json.load(open(tmp_path / "master" / "config.json"))["torch_dtype"] == "float32"
+    save_hf_llama(mixed, cfg, str(tmp_path / "half"), dtype=jnp.bfloat16)
+    hf16 = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "half"))
+    assert hf16.dtype == torch.bfloat16
+    for name, p in hf.state_dict().items():
+        assert torch.equal(hf16.state_dict()[name], p.to(torch.bfloat16)), name
+
+
 def test_load_tokenizer_keeps_chat_template(tmp_path):
     save_tiny_tokenizer(tmp_path)
     tok = load_tokenizer(str(tmp_path))

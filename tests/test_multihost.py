@@ -53,6 +53,20 @@ def _wait_all(procs: list[subprocess.Popen], outs: list[Path], timeout: float = 
         pytest.fail(f"worker exit codes {[p.returncode for p in procs]}\n{logs}")
 
 
+def _assert_transformers_logits_match(path: str) -> None:
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    from cream_jax.models.hf import load_hf_llama  # noqa: PLC0415
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = np.random.default_rng(0).integers(3, worker.CONFIG.vocab_size, size=(2, 12)).astype(np.int32)
+    with torch.no_grad():
+        want = hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    model, _ = load_hf_llama(path)
+    np.testing.assert_allclose(np.asarray(model(ids)), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_and_checkpoint_restores_resharded(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
@@ -73,6 +87,16 @@ def test_two_processes_equal_one_and_checkpoint_restores_resharded(tmp_path):
         # Adam divides by the gradient's own scale, so on near-zero gradients the ~1e-7 difference
         # of a cross-process reduction order grows to ~1e-6 of the lr=1e-2 updates: module tolerance.
         np.testing.assert_allclose(got_params[name], ref_params[name], rtol=0, atol=1e-5, err_msg=name)
+
+    # The 2-process HF export round-trips exactly onto the same shardings, and transformers loads it
+    # with the logits of the trained params.
+    assert got["reload_shardings_match"]
+    reloaded = np.load(multi / "reloaded.npz")
+    assert sorted(reloaded.files) == sorted(got_params.files)
+    for name in got_params.files:
+        np.testing.assert_array_equal(reloaded[name], got_params[name], err_msg=name)
+    assert (multi / "hf" / "model.safetensors.index.json").exists()
+    _assert_transformers_logits_match(str(multi / "hf"))
 
     # This process (8 devices, one host) restores the 2-process checkpoint onto another mesh layout.
     mesh = sharding.make_mesh(1, 4, 2)

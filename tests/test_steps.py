@@ -129,3 +129,82 @@ def test_learning_rate_schedule_warmup_then_cosine(total):
         assert lrs[warm - 1] == pytest.approx(1.0)
         assert all(a <= b + 1e-9 for a, b in zip(lrs[:warm - 1], lrs[1:warm]))
     assert all(a >= b - 1e-9 for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+
+
+# ------------------------------------------------------------------------------------------
+# Mixed precision (float32 master weights, bf16 compute) and remat.
+
+
+def _dpo_step(config, params, graphdef_model, batch, *, lr, remat=None, mesh=None, eps=1e-8):
+    """One DPO step from ``params``; returns (loss, new params on the host, the compiled step)."""
+    mesh = mesh or sharding.single_device_mesh()
+    graphdef, _ = nnx.split(graphdef_model)
+    params = sharding.shard_params(params, mesh)
+    optimizer = steps.make_optimizer(OptimConfig(learning_rate=lr, batch_size=len(batch["weight"]), eps=eps))
+    state = steps.init_train_state(params, optimizer, jax.random.key(0))
+    step = steps.make_train_step(steps.make_dpo_loss(beta=0.1), graphdef, optimizer, mesh,
+                                 steps.state_shardings(state), remat=remat)
+    glob = {**sharding.shard_batch(batch, mesh), "lr": jnp.asarray(lr, jnp.float32)}
+    compiled = step.lower(state, dict(glob)).compile()
+    new_state, metrics = step(state, glob)
+    return float(metrics["loss"]), jax.device_get(new_state["params"]), compiled
+
+
+def _changed_fraction(before, after) -> float:
+    """Fraction of the entries of every parameter but the embedding (rows of unseen tokens get no
+    gradient) that a step changed."""
+    flat_b, flat_a = dict(nnx.to_flat_state(before)), dict(nnx.to_flat_state(after))
+    changed = total = 0
+    for path, var in flat_b.items():
+        if path == ("embed",):
+            continue
+        b, a = np.asarray(var.get_value(), np.float32), np.asarray(flat_a[path].get_value(), np.float32)
+        changed += int(np.sum(a != b))
+        total += a.size
+    return changed / total
+
+
+def test_fp32_master_weights_learn_at_lr_1e6_where_bf16_weights_do_not():
+    import dataclasses  # noqa: PLC0415
+
+    batch = pair_batch(8)
+    base = random_llama(CFG, seed=2, std=0.02)  # N(0, 0.02) weights, as at init
+    _, params32 = nnx.split(base)
+    loss32, new32, _ = _dpo_step(CFG, params32, base, batch, lr=1e-6)
+    # fp32 master + bf16 compute: same float32 params, the forward casts them per layer.
+    mixed_cfg = dataclasses.replace(CFG, dtype="bfloat16", param_dtype="float32")
+    mixed = random_llama(mixed_cfg, seed=2, std=0.02)
+    _, params_mixed = nnx.split(mixed)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params_mixed))
+    loss_mixed, new_mixed, _ = _dpo_step(mixed_cfg, params_mixed, mixed, batch, lr=1e-6)
+    # All-bf16 params (the old preset): the same step mostly rounds away.
+    bf16_cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    bf16 = random_llama(bf16_cfg, seed=2, std=0.02)
+    _, params16 = nnx.split(bf16)
+    _, new16, _ = _dpo_step(bf16_cfg, params16, bf16, batch, lr=1e-6)
+
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_mixed))  # the update stays fp32
+    assert _changed_fraction(params_mixed, new_mixed) > 0.9
+    assert _changed_fraction(params16, new16) < 0.1
+    # bf16 compute of summed response log-probs (~12 tokens) moves the DPO loss (~log 2) by well
+    # under 1e-2; float32 logits and log-softmax keep it there.
+    np.testing.assert_allclose(loss_mixed, loss32, atol=1e-2)
+
+
+def test_remat_lowers_train_step_temp_memory_with_the_same_loss_and_update():
+    cfg = LlamaConfig.from_hf({**TINY_LLAMA, "num_hidden_layers": 4})
+    model = random_llama(cfg, seed=5, std=0.1)
+    _, params = nnx.split(model)
+    batch = pair_batch(8, length=64)
+    # eps=1e-3 keeps Adam's first update g / (|g| + eps) well-conditioned (see one_step), so the
+    # updates compare the gradients, not the summation order of near-zero ones.
+    runs = {mode: _dpo_step(cfg, params, model, batch, lr=1e-3, remat=mode, eps=1e-3)
+            for mode in ("none", "matmuls", "full")}
+    temp = {mode: run[2].memory_analysis().temp_size_in_bytes for mode, run in runs.items()}
+    assert temp["full"] < temp["matmuls"] < temp["none"], temp
+    for mode in ("matmuls", "full"):
+        np.testing.assert_allclose(runs[mode][0], runs["none"][0], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(runs[mode][1]), jax.tree.leaves(runs["none"][1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="Llama.remat: must be a bool or one of"):
+        steps.make_train_step(steps.make_dpo_loss(beta=0.1), None, None, None, None, remat="some")

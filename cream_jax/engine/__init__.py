@@ -1,0 +1,1 @@
+"""Jitted, sharded phase programs and the one batching path (DESIGN.md "engine/")."""

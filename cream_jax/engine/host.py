@@ -1,5 +1,5 @@
-"""Host-array loops over the jitted programs: fixed-size batches (the last one padded, one static
-shape), N samples per prompt, summed response log-probs, decoding, and the tokens the loop needs.
+"""Host-array loops over the jitted programs: batches split over the model's mesh (the one
+batching path, `cream_jax.engine.batching`; a short batch padded only to its mesh bucket), N samples per prompt, summed response log-probs, decoding, and the tokens the loop needs.
 
 Every stage of the loop (rollout, log-prob tables, judge read-outs, evaluation) goes through these,
 so each compiles once per shape and a notebook can call them on plain arrays.
@@ -16,6 +16,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
+
+from cream_jax.engine import batching
 
 from cream_jax.sampling import generate
 from cream_jax.scoring import sequence_logprobs
@@ -67,28 +70,22 @@ def encode_texts_left_padded(tokenizer: Any, texts: Sequence[str], max_len: int,
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    """Pads the leading axis to ``rows`` by repeating row 0 (outputs of pad rows are dropped)."""
-    if x.shape[0] == rows:
-        return x
-    return np.concatenate([x, np.repeat(x[:1], rows - x.shape[0], axis=0)], axis=0)
+def mesh_of(model: Any) -> jax.sharding.Mesh:
+    """The mesh ``model``'s parameters live on (a one-device mesh for an unsharded model), which
+    every phase's batch is split over (`cream_jax.engine.batching`)."""
+    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    if isinstance(leaf.sharding, jax.sharding.NamedSharding):
+        return leaf.sharding.mesh
+    device = next(iter(leaf.sharding.device_set))
+    return jax.sharding.Mesh(np.asarray([device]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
 
 
-def batched(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size: int, progress=None) -> list[Any]:
-    """Runs ``fn`` over fixed-size slices of host arrays (the last one padded), one static shape."""
-    n = arrays[0].shape[0]
-    outs = []
-    starts = range(0, n, batch_size)
-    for start in progress(starts) if progress else starts:
-        chunk = [_pad_rows(a[start:start + batch_size], batch_size) for a in arrays]
-        take = min(batch_size, n - start)
-        out = fn(*chunk)
-        outs.append(jax.tree.map(lambda x: np.asarray(x)[:take], out))
-    return outs
-
-
-def concat(outs: list[Any]) -> Any:
-    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
+def batched(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size: int, progress=None, *,
+            mesh: jax.sharding.Mesh) -> Any:
+    """``fn(*global_arrays)`` over chunks of at most ``batch_size`` rows, each split over the mesh's
+    ("data", "fsdp") rows and padded only to its mesh bucket (`batching.map_batched`); host outputs,
+    concatenated, without padding rows."""
+    return batching.map_batched(fn, [np.asarray(a) for a in arrays], mesh, batch_size, progress=progress)
 
 
 def sample_responses(
@@ -116,7 +113,7 @@ def sample_responses(
             eos_id=tokens.eos_ids, pad_id=tokens.pad_id,
         )
 
-    return concat(batched(one, [prompt_ids, prompt_mask], batch_size, progress))
+    return batched(one, [prompt_ids, prompt_mask], batch_size, progress, mesh=mesh_of(model))
 
 
 def score_sequences(model: Any, seqs: dict, batch_size: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +123,7 @@ def score_sequences(model: Any, seqs: dict, batch_size: int, progress=None) -> t
         return sequence_logprobs(model, ids, mask, resp)
 
     arrays = [seqs["input_ids"], seqs["attention_mask"], seqs["response_mask"]]
-    return concat(batched(one, arrays, batch_size, progress))
+    return batched(one, arrays, batch_size, progress, mesh=mesh_of(model))
 
 
 def decode_responses(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[list[str]]:

@@ -150,7 +150,16 @@ class Run:
     def put_model(self, name: str, params) -> None:
         self.store.save(name, params)
         if self.cfg.keep_models_resident or name == "policy":
-            self.models[name] = params
+            self.keep_resident(name, params)
+
+    def keep_resident(self, name: str, params) -> None:
+        """Holds ``params`` on the mesh; with ``m{k}``, models older than M_{k-1} other than M0 are
+        dropped: no method reads more than M0, M_{t-1} and M_t at iteration t (METHODS section 0)."""
+        self.models[name] = params
+        if name.startswith("m") and name[1:].isdigit():
+            k = int(name[1:])
+            for old in [n for n in self.models if n.startswith("m") and n[1:].isdigit() and 0 < int(n[1:]) < k - 1]:
+                del self.models[old]
 
     def get_model(self, name: str):
         if name in self.models:
@@ -184,16 +193,21 @@ def _tokenizer_and_model(cfg: RunConfig, mesh) -> tuple[Any, LlamaConfig, Llama]
             num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
             num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
             rope_theta=m.rope_theta, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, dtype=m.dtype,
+            pad_token_id=tok.pad_token_id, dtype=m.dtype, param_dtype=m.param_dtype,
         )
         graphdef, params = sharding.create_sharded(lambda: Llama(mc, rngs=nnx.Rngs(cfg.seed)), mesh)
         return tok, mc, nnx.merge(graphdef, params)
     # An HF folder, a .gguf file or a pkg: spec; the tokenizer comes with it unless Model.tokenizer is set.
-    model, mc, tok = gguf.load_model_source(cfg.model.source, jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32,
-                                            mesh, remat=cfg.model.remat)
+    model, mc, tok = gguf.load_model_source(cfg.model.source, cfg.model.dtype, mesh, param_dtype=cfg.model.param_dtype,
+                                            remat=cfg.model.remat)
     if cfg.model.tokenizer:
         tok = hf.load_tokenizer(cfg.model.tokenizer)
     return tok, mc, model
+
+
+def _remat_mode(model: config_lib.ModelConfig) -> str:
+    """Model.remat + Model.remat_policy as the train step's remat mode."""
+    return model.remat_policy if model.remat else "none"
 
 
 def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
@@ -223,7 +237,7 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
         store=checkpoint.ModelStore(workdir / "models"), writer=metrics.MetricWriter(workdir / "logs"), inputs=inputs,
     )
     run.trainer = trainer_lib.Trainer(graphdef, mesh, run.writer, run.save, cfg.checkpoint_every, run.ckpt.directory,
-                                      guard=cfg.guard)
+                                      remat=_remat_mode(cfg.model), guard=cfg.guard)
     run.setup_seconds = time.perf_counter() - tic
     return run, params
 
@@ -350,7 +364,7 @@ def _run_stages(run: Run, params0: Any) -> dict:
             m0 = params0
         run.put_model("m0", m0)
     if cfg.keep_models_resident:
-        run.models["m0"] = m0
+        run.keep_resident("m0", m0)
     # The baseline row: M0 as given (the embedded toy's M0 has never seen a chat, so it is skipped by default).
     evaluate_m0 = cfg.eval.m0 if cfg.eval.m0 is not None else cfg.model.source != "embedded"
     if evaluate_m0 and not any(r["iteration"] == -1 for r in run.results):
@@ -376,7 +390,7 @@ def _run_stages(run: Run, params0: Any) -> dict:
         run.put_model("m1", m1)
     run.models["policy"] = m1
     if cfg.keep_models_resident:
-        run.models["m1"] = m1
+        run.keep_resident("m1", m1)
     if not any(r["iteration"] == 0 for r in run.results):
         tic = time.perf_counter()
         acc, samples = evaluate_model(run, m1, jax.random.fold_in(key, 0))
@@ -395,7 +409,7 @@ def _run_stages(run: Run, params0: Any) -> dict:
             policy = run.store.load(f"m{t + 1}", abstract)
             run.models["policy"] = policy
             if cfg.keep_models_resident:
-                run.models[f"m{t + 1}"] = policy
+                run.keep_resident(f"m{t + 1}", policy)
             continue
         policy = _run_iteration(run, t, policy, jax.random.fold_in(key, t), resume_at("iteration", t))
     return _write_outputs(run)
@@ -428,7 +442,8 @@ def _run_iteration(run: Run, t: int, policy: Any, it_key: jax.Array, res: dict |
     eval_seconds = time.perf_counter() - tic
     run.put_model(f"m{t + 1}", new_policy)
     if cfg.export_hf:
-        hf.save_hf_llama(run.model(new_policy), run.model_config, run.workdir / "hf" / f"M{t + 1}", tokenizer=run.tokenizer)
+        hf.save_hf_llama(run.model(new_policy), run.model_config, run.workdir / "hf" / f"M{t + 1}",
+                         dtype=cfg.model.export_dtype, tokenizer=run.tokenizer)  # dtype None: the master weights'
     run.models["policy"] = new_policy
     seconds = {**stats["seconds"], "train": train_seconds, "eval": eval_seconds}
     seconds["total"] = curate_seconds + train_seconds + eval_seconds
@@ -459,14 +474,15 @@ def _load_resume(run: Run, params_template: Any) -> dict | None:
     """The newest checkpoint, with any train state placed back on the mesh with its step's shardings."""
     if run.ckpt.latest_step() is None:
         return None
-    template = steps.init_train_state(params_template, steps.make_optimizer(config_lib.OptimConfig()), jax.random.key(0))
-    host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    template = steps.abstract_train_state(params_template, steps.make_optimizer(config_lib.OptimConfig()))
+    # Records (any row count) replicated on the mesh: every process addresses its own devices' copy.
+    host = sharding.replicated(run.mesh)
 
     def target(progress, saved):
         out = {}
         for name, sub in saved.items():
             if name == "train":
-                out[name] = _abstract(template)
+                out[name] = template
             else:
                 out[name] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host), sub)
         return out

@@ -23,6 +23,7 @@ import numpy as np
 
 from cream_jax import checkpoint, config as config_lib, guards, metrics, sharding, steps
 from cream_jax.data import pipeline
+from cream_jax.engine import batching
 from cream_jax.errors import Divergence
 
 log = logging.getLogger("cream_jax")
@@ -65,6 +66,7 @@ class Trainer:
     save: Callable[[dict, dict, dict], None]
     checkpoint_every: int = 0
     checkpoint_dir: Any = None
+    remat: bool | str | None = None  # Model.remat as a mode: "none" | "full" | "matmuls"
     guard: config_lib.GuardConfig = config_lib.GuardConfig()
     _steps: dict = dataclasses.field(default_factory=dict)
 
@@ -73,9 +75,9 @@ class Trainer:
         key = (loss_key, optim)
         if key not in self._steps:
             optimizer = steps.make_optimizer(optim)
-            template = steps.init_train_state(params, optimizer, jax.random.key(0))
+            template = steps.abstract_train_state(params, optimizer)  # shardings only, nothing allocated
             step = steps.make_train_step(loss_fn, self.graphdef, optimizer, self.mesh,
-                                         steps.state_shardings(template), optim.grad_accum)
+                                         steps.state_shardings(template), optim.grad_accum, remat=self.remat)
             self._steps[key] = (step, optimizer)
         return self._steps[key]
 
@@ -128,7 +130,7 @@ class Trainer:
                 idx = np.concatenate([idx, np.full(bs - len(idx), idx[0] if len(idx) else 0)])
             batch = {k: v[idx] for k, v in records.items()}
             batch["weight"] = weight
-            batch = sharding.shard_batch(batch, self.mesh)
+            batch = batching.to_global(batch, self.mesh)  # each process places only its devices' rows
             batch["lr"] = jnp.asarray(steps.learning_rate(optim, step, total_steps), jnp.float32)
             state, m = train_step(state, batch)
             if (step + 1) % log_every == 0 or step + 1 == total_steps:

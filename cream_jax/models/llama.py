@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cream_jax import sharding
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Parameters each supported rope scaling type needs (transformers' modeling_rope_utils names).
 _ROPE_KEYS = {
@@ -72,7 +74,10 @@ class LlamaConfig:
     """LLaMA hyper-parameters with transformers' field names; frozen and hashable.
 
     ``rope_scaling`` is None or a hashable tuple of (key, value) pairs (a dict is converted);
-    ``dtype`` ("float32" | "bfloat16") is the dtype of the parameters and activations.
+    ``dtype`` ("float32" | "bfloat16") is the compute dtype (activations, KV cache) and
+    ``param_dtype`` the dtype the parameters are stored in (None: ``dtype``). Mixed precision as in
+    MaxText: float32 master parameters, cast to a bfloat16 ``dtype`` inside the forward, so the
+    optimizer updates float32 values; logits and log-softmax are float32 either way.
     """
 
     vocab_size: int = 32000
@@ -94,6 +99,7 @@ class LlamaConfig:
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     dtype: str = "float32"
+    param_dtype: str | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -115,12 +121,22 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig.head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"LlamaConfig.dtype: must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name, value in (("dtype", self.dtype), ("param_dtype", self.stored_dtype)):
+            if value not in _DTYPES:
+                raise ValueError(f"LlamaConfig.{name}: must be one of {sorted(_DTYPES)}, got {value!r}")
 
     @property
     def jnp_dtype(self) -> Any:
         return _DTYPES[self.dtype]
+
+    @property
+    def stored_dtype(self) -> str:
+        """The parameters' dtype name: ``param_dtype``, or ``dtype`` when that is None."""
+        return self.param_dtype or self.dtype
+
+    @property
+    def jnp_param_dtype(self) -> Any:
+        return _DTYPES[self.stored_dtype]
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -130,7 +146,7 @@ class LlamaConfig:
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (int(self.eos_token_id),)
 
     @classmethod
-    def from_hf(cls, hf_config: Any, dtype: str = "float32") -> "LlamaConfig":
+    def from_hf(cls, hf_config: Any, dtype: str = "float32", param_dtype: str | None = None) -> "LlamaConfig":
         """Builds a config from a transformers config object or a config.json dict.
 
         Reads both the transformers>=5 ``rope_parameters`` form and the older
@@ -149,21 +165,23 @@ class LlamaConfig:
             rope_theta, rope_scaling = rope.get("rope_theta", d.get("rope_theta", 10000.0)), rope
         else:
             rope_theta, rope_scaling = d.get("rope_theta", 10000.0), d.get("rope_scaling")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling", "dtype"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling", "dtype", "param_dtype"}
         kwargs = {k: d[k] for k in fields if k in d}
-        return cls(**kwargs, rope_theta=float(rope_theta), rope_scaling=rope_scaling, dtype=dtype)
+        return cls(**kwargs, rope_theta=float(rope_theta), rope_scaling=rope_scaling, dtype=dtype,
+                   param_dtype=param_dtype)
 
     def to_hf(self) -> dict:
         """A config.json dict that ``transformers.LlamaForCausalLM`` loads (v5 and older)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.pop("dtype")
+        d.pop("param_dtype")
         rope = dict(self.rope_scaling or (("rope_type", "default"),))
         d["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         # transformers>=5 reads rope_parameters; older versions read rope_theta and rope_scaling.
         d["rope_parameters"] = {**rope, "rope_theta": self.rope_theta}
         d["rope_scaling"] = None if self.rope_scaling is None else rope
         d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                 dtype=self.dtype, torch_dtype=self.dtype)
+                 dtype=self.stored_dtype, torch_dtype=self.stored_dtype)  # the stored weights' dtype
         return d
 
 
@@ -205,6 +223,48 @@ def _param(rngs: nnx.Rngs | None, shape: tuple, names: tuple, dtype: Any, std: f
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating-point leaves in ``dtype`` (integer leaves untouched).
+
+    The forward casts stored (master) parameters to the compute dtype with this; applied once to
+    a model's parameters it gives a compute-dtype copy for a model that is only scored or sampled
+    (half the memory of float32 masters; ``nnx.merge`` with the same graphdef runs it).
+    """
+    def one(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+
+    return jax.tree.map(one, tree)
+
+
+REMAT_MODES = ("none", "full", "matmuls")
+
+
+def remat_mode(remat: bool | str | None) -> str:
+    """``Llama.remat`` as one of REMAT_MODES (False/None -> "none", True -> "full")."""
+    mode = {False: "none", True: "full", None: "none"}.get(remat, remat) if not isinstance(remat, str) else remat
+    if mode not in REMAT_MODES:
+        raise ValueError(f"Llama.remat: must be a bool or one of {REMAT_MODES}, got {remat!r}")
+    return mode
+
+
+def _rematted(fn: Any, remat: bool | str | None) -> Any:
+    """``fn`` under ``jax.checkpoint`` as ``remat`` says: "full" saves only the layer inputs (the
+    scan carry); "matmuls" also saves the outputs of the weight matmuls (the dots without batch
+    dimensions), so the backward pass recomputes only the cheap elementwise work and attention."""
+    mode = remat_mode(remat)
+    if mode == "none":
+        return fn
+    policy = None if mode == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recomputation away.
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+def _batch_rows(x_btd: jax.Array) -> jax.Array:
+    """The residual stream split over rows at each block boundary (no-op without a mesh): FSDP then
+    gathers each layer's weights instead of replicating the batch (`cream_jax.sharding.constrain`)."""
+    return sharding.constrain(x_btd, ("batch", "length", "act_embed"))
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32 and cast back before the scale, as transformers does."""
     x32 = x.astype(jnp.float32)
@@ -239,7 +299,7 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with rotary embeddings."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        c, dt, std = config, config.jnp_dtype, config.initializer_range
+        c, dt, std = config, config.jnp_param_dtype, config.initializer_range
         D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.wq = _param(rngs, (D, N, H), ("embed", "heads", "head_dim"), dt, std)
         self.wk = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dt, std)
@@ -374,7 +434,7 @@ class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        c, dt, std = config, config.jnp_dtype, config.initializer_range
+        c, dt, std = config, config.jnp_param_dtype, config.initializer_range
         D, F = c.hidden_size, c.intermediate_size
         self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), dt, std)
         self.w_up = _param(rngs, (D, F), ("embed", "mlp"), dt, std)
@@ -403,7 +463,7 @@ class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        D, dt = config.hidden_size, config.jnp_dtype
+        D, dt = config.hidden_size, config.jnp_param_dtype
         self.input_norm = _param(rngs, (D,), ("norm",), dt, None)
         self.attn = Attention(config, rngs=rngs)
         self.post_attn_norm = _param(rngs, (D,), ("norm",), dt, None)
@@ -434,13 +494,16 @@ class Llama(nnx.Module):
     Args:
       config: the model's hyper-parameters.
       rngs: random streams for the initial parameters (normal(0, initializer_range)).
-      remat: recompute each layer's activations in the backward pass (``jax.checkpoint``),
-        trading compute for training memory. A plain attribute: ``model.remat = True`` works too.
+      remat: recompute layer activations in the backward pass (``jax.checkpoint`` around the
+        scanned layer), trading compute for training memory: False/"none", True/"full" (keep only
+        each layer's input), or "matmuls" (also keep the weight matmuls' outputs). A plain
+        attribute, part of the graphdef: ``model.remat = "full"`` works too.
     """
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, remat: bool = False):
-        c, dt, std = config, config.jnp_dtype, config.initializer_range
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, remat: bool | str = False):
+        c, dt, std = config, config.jnp_param_dtype, config.initializer_range
         self.config = config
+        remat_mode(remat)  # a bad value fails here, not at the first backward pass
         self.remat = remat
         self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dt, std)
 
@@ -482,9 +545,10 @@ class Llama(nnx.Module):
         [D,2F] make one dot of the three projections and one of gate and up (fewer, wider dots).
         """
         layer_def, layer_state = nnx.split(self.layers)
+        dt = self.config.jnp_dtype
         out = []
         for i in range(self.config.num_hidden_layers):
-            block = nnx.merge(layer_def, jax.tree.map(lambda x, i=i: x[i], layer_state))
+            block = nnx.merge(layer_def, cast_floating(jax.tree.map(lambda x, i=i: x[i], layer_state), dt))
             a, m = block.attn, block.mlp
             D = a.wq.shape[0]
             w_qkv = jnp.concatenate([a.wq[...].reshape(D, -1), a.wk[...].reshape(D, -1), a.wv[...].reshape(D, -1)], 1)
@@ -495,7 +559,9 @@ class Llama(nnx.Module):
         """The scanned form of :meth:`unstack_layers`: (layer graphdef, [L,...] layer state,
         (wq|wk|wv [L,D,(N+2K)*H], w_gate|w_up [L,D,2F])), for :meth:`decode_step` over stacked caches."""
         layer_def, layer_state = nnx.split(self.layers)
-        a, m = self.layers.attn, self.layers.mlp
+        layer_state = cast_floating(layer_state, self.config.jnp_dtype)  # the compute dtype, as unstack_layers
+        stacked = nnx.merge(layer_def, layer_state)
+        a, m = stacked.attn, stacked.mlp
         L, D = a.wq.shape[:2]
         w_qkv = jnp.concatenate([a.wq[...].reshape(L, D, -1), a.wk[...].reshape(L, D, -1),
                                  a.wv[...].reshape(L, D, -1)], 2)
@@ -533,7 +599,7 @@ class Llama(nnx.Module):
         minf = jnp.finfo(jnp.float32).min
         prefix_bias_bp = jnp.where(prefix.mask > 0, 0.0, minf)
         gen_bias_s = jnp.where(jnp.arange(gen.k[0].shape[2]) <= index, 0.0, minf)
-        x_rd = jnp.take(self.embed[...], tokens_r, axis=0)
+        x_rd = jnp.take(self.embed[...], tokens_r, axis=0).astype(self.config.jnp_dtype)
         cos_rh, sin_rh = cos_r1h[:, 0], sin_r1h[:, 0]
         if not isinstance(gen.k, tuple):  # stacked [L, ...] caches: scan over layers
             layer_def, layer_state, fused = self.stack_layers() if layers is None else layers
@@ -551,7 +617,8 @@ class Llama(nnx.Module):
                                         prefix_bias_bp, (gen.k[layer], gen.v[layer]), gen_bias_s, index, fused)
             ks.append(k)
             vs.append(v)
-        return rms_norm(x_rd, self.final_norm[...], self.config.rms_norm_eps), GenCache(tuple(ks), tuple(vs))
+        final_norm = self.final_norm[...].astype(self.config.jnp_dtype)
+        return rms_norm(x_rd, final_norm, self.config.rms_norm_eps), GenCache(tuple(ks), tuple(vs))
 
     def _rope(self, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
         inv_freq = jnp.asarray(rope_inv_freq(self.config))  # [H/2]
@@ -577,14 +644,16 @@ class Llama(nnx.Module):
         mask_bts = (k_slot_s[None, None, :] <= q_slot_t[None, :, None]) & (key_mask_bs[:, None, :] > 0)
         bias_bts = jnp.where(mask_bts, 0.0, jnp.finfo(jnp.float32).min)
 
-        x_btd = jnp.take(self.embed[...], input_ids, axis=0)
+        dt = self.config.jnp_dtype
+        x_btd = _batch_rows(jnp.take(self.embed[...], input_ids, axis=0).astype(dt))
         layer_def, layer_state = nnx.split(self.layers)
 
         def layer_fn(state, x_btd, kv=None, index=None):
-            return nnx.merge(layer_def, state)(x_btd, cos_bth, sin_bth, bias_bts, kv, index)
+            # Master weights are cast to the compute dtype one layer at a time (inside the remat).
+            x_btd, kv = nnx.merge(layer_def, cast_floating(state, dt))(x_btd, cos_bth, sin_bth, bias_bts, kv, index)
+            return _batch_rows(x_btd), kv
 
-        if self.remat:
-            layer_fn = jax.checkpoint(layer_fn)
+        layer_fn = _rematted(layer_fn, self.remat)
 
         if cache is None:
             def body(x_btd, state):
@@ -603,13 +672,13 @@ class Llama(nnx.Module):
                 ks.append(k)
                 vs.append(v)
             new_cache = KVCache(tuple(ks), tuple(vs), key_mask_bs, cache.index + T)
-        return rms_norm(x_btd, self.final_norm[...], self.config.rms_norm_eps), new_cache
+        return rms_norm(x_btd, self.final_norm[...].astype(dt), self.config.rms_norm_eps), new_cache
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Vocabulary logits [..., V] in float32 from hidden states [..., D]."""
         if self.config.tie_word_embeddings:
-            return jnp.einsum("...d,vd->...v", h, self.embed[...], preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+            return jnp.einsum("...d,vd->...v", h, self.embed[...].astype(h.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, *, cache: KVCache | None = None):
         """Logits [B,T,V] float32, or ``(logits, cache)`` when a cache is passed."""
