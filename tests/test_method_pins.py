@@ -19,7 +19,14 @@ from tests._cli import cli, copy_models
 
 PINS = Path(__file__).resolve().parent / "method_pins.json"
 RECORD = os.environ.get("CREAM_JAX_RECORD_PINS") == "1"
+# Floats agree to REL, or to ABS near zero: reward means and margins are ~1e-3 and move by ~2e-6
+# between CPU models (XLA:CPU's codegen follows the host's vector units), a rounding difference.
 REL = 1e-4
+ABS = 1e-5
+# Train metrics decided by a near-tie: at this scale SCIR's generative preference p_gen is 0.5 +- 5e-6,
+# so which pairs "agree" in iteration 2 (n_agreed 5 on one CPU, 4 on another) is decided by rounding,
+# and every iteration-2 train metric follows it. Iteration 1 and all results.json numbers stay pinned.
+NEAR_TIE = {"scir": ("iter2/train/",)}
 pytestmark = pytest.mark.slow
 
 # name -> (gin bindings, models copied from the smoke run: SRLM's and SCIR's M1 are trained on their own
@@ -64,7 +71,7 @@ def assert_close(got, want, where=""):
         for k in want:
             assert_close(got[k], want[k], f"{where}/{k}")
     elif isinstance(want, float) and isinstance(got, (int, float)):
-        assert math.isclose(got, want, rel_tol=REL, abs_tol=1e-6), f"{where}: {got} != pinned {want}"
+        assert math.isclose(got, want, rel_tol=REL, abs_tol=ABS), f"{where}: {got} != pinned {want}"
     else:
         assert got == want, f"{where}: {got!r} != pinned {want!r}"
 
@@ -92,4 +99,8 @@ def test_method_matches_pinned_results(smoke_run, tmp_path, pins, case):
         pins[case] = got
         return
     assert case in pins, f"no pinned values for {case}: record them (see the module docstring)"
-    assert_close(got, pins[case], case)
+    want = pins[case]
+    for prefix in NEAR_TIE.get(case, ()):
+        want = {**want, "train_metrics": {k: v for k, v in want["train_metrics"].items() if not k.startswith(prefix)}}
+        got = {**got, "train_metrics": {k: v for k, v in got["train_metrics"].items() if not k.startswith(prefix)}}
+    assert_close(got, want, case)
