@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -70,7 +71,12 @@ def cli(capsys):
         code = train.main(argv)
         return code, capsys.readouterr().err
 
-    return run
+    yield run
+    # The CLI gives the "cream_jax" logger its own stderr handler and stops propagation; later tests
+    # (caplog on that logger) need it as it was.
+    train.log.handlers.clear()
+    train.log.propagate = True
+    train.log.setLevel(logging.NOTSET)
 
 
 def assert_one_line(err: str, code: int, expected_code: int, *needles: str) -> str:

@@ -139,7 +139,7 @@ def test_memory_option_bf16_and_hf_export(smoke_run, tmp_path):
     """M_{t-1}/M0 brought in from disk for scoring, bfloat16 params, and an HF export per iteration."""
     reference, _ = smoke_run
     workdir = tmp_path / "lowmem"
-    proc = cli(workdir, "--gin_param", "Run.keep_models_resident = False", "--gin_param", "Model.dtype = 'bfloat16'",
+    proc = cli(workdir, "--gin_param", "Run.keep_models_resident = False", "--gin_param", "Model.dtype = 'bfloat16'", "--gin_param", "Model.export_dtype = 'bfloat16'",
                "--gin_param", "Run.export_hf = True", "--gin_param", "Pretrain.steps = 2",
                "--gin_param", "Run.iterations = 1")
     results = json.loads((workdir / "results.json").read_text())
