@@ -322,45 +322,26 @@ def test_sft_empty_content(cli, workdir, data_files):
     refused(cli, workdir, DATA, ["key 's2'", "has empty content"], *data_params(data_files))
 
 
-def test_prompt_task_unknown_to_the_verifier(cli, workdir, data_files):
-    _rewrite_jsonl(data_files / "p2.jsonl", 5, task="astrology")
-    refused(cli, workdir, DATA, ["p2.jsonl: line 6", "task 'astrology' is unknown to the verifier"], *data_params(data_files))
+# (file, 0-based line, fields rewritten (None deletes), what the one-line message must name)
+ROW_CASES = {
+    "prompt_task_unknown_to_the_verifier": ("p2.jsonl", 5, {"task": "astrology"},
+                                            ["p2.jsonl: line 6", "task 'astrology' is unknown to the verifier"]),
+    "prompt_answer_without_task": ("p1.jsonl", 0, {"task": None}, ["p1.jsonl: line 1", "field 'answer' needs a 'task'"]),
+    "prompt_numeric_answer_not_a_number": ("p1.jsonl", 2, {"answer": "seven"}, ["p1.jsonl: line 3", "'seven' is not a number"]),
+    "duplicate_prompt_id": ("p1.jsonl", 1, {"id": "p1-0"}, ["p1.jsonl: line 2", "duplicate id 'p1-0'"]),
+    "eval_label_not_among_the_options": ("test.jsonl", 2, {"label": "D"},
+                                         ["test.jsonl: line 3", "'D' is not one of the question's options (A, B, C)"]),
+    "eval_label_not_an_option_letter": ("test.jsonl", 0, {"label": "Bob"}, ["test.jsonl: line 1", "is not an option letter"]),
+    "eval_task_unknown": ("test.jsonl", 1, {"task": "trivia"}, ["test.jsonl: line 2", "task 'trivia' is unknown"]),
+    "eval_missing_label": ("test.jsonl", 3, {"label": None}, ["test.jsonl: line 4", "missing field 'label'"]),
+}
 
 
-def test_prompt_answer_without_task(cli, workdir, data_files):
-    _rewrite_jsonl(data_files / "p1.jsonl", 0, task=None)
-    refused(cli, workdir, DATA, ["p1.jsonl: line 1", "field 'answer' needs a 'task'"], *data_params(data_files))
-
-
-def test_prompt_numeric_answer_not_a_number(cli, workdir, data_files):
-    _rewrite_jsonl(data_files / "p1.jsonl", 2, answer="seven")
-    refused(cli, workdir, DATA, ["p1.jsonl: line 3", "'seven' is not a number"], *data_params(data_files))
-
-
-def test_duplicate_prompt_id(cli, workdir, data_files):
-    _rewrite_jsonl(data_files / "p1.jsonl", 1, id="p1-0")
-    refused(cli, workdir, DATA, ["p1.jsonl: line 2", "duplicate id 'p1-0'"], *data_params(data_files))
-
-
-def test_eval_label_not_among_the_options(cli, workdir, data_files):
-    _rewrite_jsonl(data_files / "test.jsonl", 2, label="D")
-    refused(cli, workdir, DATA, ["test.jsonl: line 3", "'D' is not one of the question's options (A, B, C)"],
-            *data_params(data_files))
-
-
-def test_eval_label_not_an_option_letter(cli, workdir, data_files):
-    _rewrite_jsonl(data_files / "test.jsonl", 0, label="Bob")
-    refused(cli, workdir, DATA, ["test.jsonl: line 1", "is not an option letter"], *data_params(data_files))
-
-
-def test_eval_task_unknown(cli, workdir, data_files):
-    _rewrite_jsonl(data_files / "test.jsonl", 1, task="trivia")
-    refused(cli, workdir, DATA, ["test.jsonl: line 2", "task 'trivia' is unknown"], *data_params(data_files))
-
-
-def test_eval_missing_label(cli, workdir, data_files):
-    _rewrite_jsonl(data_files / "test.jsonl", 3, label=None)
-    refused(cli, workdir, DATA, ["test.jsonl: line 4", "missing field 'label'"], *data_params(data_files))
+@pytest.mark.parametrize("case", list(ROW_CASES))
+def test_bad_row(cli, workdir, data_files, case):
+    name, line, fields, needles = ROW_CASES[case]
+    _rewrite_jsonl(data_files / name, line, **fields)
+    refused(cli, workdir, DATA, needles, *data_params(data_files))
 
 
 def test_eval_line_not_json(cli, workdir, data_files):

@@ -80,12 +80,11 @@ def mesh_of(model: Any) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray([device]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
 
 
-def batched(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size: int, progress=None, *,
-            mesh: jax.sharding.Mesh) -> Any:
-    """``fn(*global_arrays)`` over chunks of at most ``batch_size`` rows, each split over the mesh's
-    ("data", "fsdp") rows and padded only to its mesh bucket (`batching.map_batched`); host outputs,
+def batched(model: Any, fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size: int, progress=None) -> Any:
+    """``fn(*global_arrays)`` over chunks of at most ``batch_size`` rows, each split over the rows of
+    ``model``'s mesh and padded only to its mesh bucket (`batching.map_batched`); host outputs,
     concatenated, without padding rows."""
-    return batching.map_batched(fn, [np.asarray(a) for a in arrays], mesh, batch_size, progress=progress)
+    return batching.map_batched(fn, arrays, mesh_of(model), batch_size, progress=progress)
 
 
 def sample_responses(
@@ -113,7 +112,7 @@ def sample_responses(
             eos_id=tokens.eos_ids, pad_id=tokens.pad_id,
         )
 
-    return batched(one, [prompt_ids, prompt_mask], batch_size, progress, mesh=mesh_of(model))
+    return batched(model, one, [prompt_ids, prompt_mask], batch_size, progress)
 
 
 def score_sequences(model: Any, seqs: dict, batch_size: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +122,7 @@ def score_sequences(model: Any, seqs: dict, batch_size: int, progress=None) -> t
         return sequence_logprobs(model, ids, mask, resp)
 
     arrays = [seqs["input_ids"], seqs["attention_mask"], seqs["response_mask"]]
-    return batched(one, arrays, batch_size, progress, mesh=mesh_of(model))
+    return batched(model, one, arrays, batch_size, progress)
 
 
 def decode_responses(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[list[str]]:

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from cream_jax import judge
-from cream_jax.engine.host import TokenSpec, batched, decode_responses, mesh_of, encode_texts_left_padded, sample_responses
+from cream_jax.engine.host import TokenSpec, batched, decode_responses, encode_texts_left_padded, sample_responses
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def judge_scores(
     graphdef, state = nnx.split(model)
     readout = _expected_readout(graphdef)
     digit_ids = jnp.asarray(digit_ids)
-    score = batched(lambda i, m: readout(state, i, m, digit_ids), [enc["input_ids"], enc["attention_mask"]],
-                    batch_size, progress, mesh=mesh_of(model))
+    score = batched(model, lambda i, m: readout(state, i, m, digit_ids), [enc["input_ids"], enc["attention_mask"]],
+                    batch_size, progress)
     return np.asarray(score, np.float32).reshape(b, r), n_failed
 
 

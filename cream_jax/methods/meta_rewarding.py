@@ -56,7 +56,7 @@ from flax import nnx
 
 from cream_jax import judge, losses, metrics, scoring
 from cream_jax.data import pipeline
-from cream_jax.engine.host import batched, decode_responses, encode_texts_left_padded, mesh_of, sample_responses, score_sequences
+from cream_jax.engine.host import batched, decode_responses, encode_texts_left_padded, sample_responses, score_sequences
 from cream_jax.methods.base import Method, Rewards, Selection, register
 
 META_JUDGE_TEMPLATE = """Review the user's request, the response to it, and two judgments that rate the response from 0 to 5 points. Decide which judgment is more accurate: which one applies the rating criteria more faithfully and gives the response the more fitting score.
@@ -208,8 +208,8 @@ def last_token_logits(model, tokenizer, prompts: list[str], token_ids, *, max_le
     enc = encode_texts_left_padded(tokenizer, prompts, max_len, bucket=64, what=what)
     graphdef, state = nnx.split(model)
     fn, ids = _last_logits_fn(graphdef), jnp.asarray(token_ids)
-    return np.asarray(batched(lambda i, m: fn(state, i, m, ids), [enc["input_ids"], enc["attention_mask"]], batch_size,
-                              mesh=mesh_of(model)))
+    return np.asarray(batched(model, lambda i, m: fn(state, i, m, ids), [enc["input_ids"], enc["attention_mask"]],
+                              batch_size))
 
 
 # ------------------------------------------------------------------------------------------------
