@@ -67,6 +67,8 @@ def chunked_response_logprobs(logits_fn: Callable[[jax.Array], jax.Array], h_btd
     head and the logsumexp of one chunk at a time, so at most [B, chunk, V] float32 logits exist
     (64 x 256 tokens at vocab 49k: 3.2 GB of logits, 9.6 GB peak when materialised; Llama-3's
     128k vocabulary would not fit at all). Same sums as the unchunked path up to float rounding.
+    Differentiable: the backward pass recomputes one chunk's logits at a time. Every program of the
+    loop that needs response log-probs (scoring, the DPO and SFT steps) goes through here.
 
     Args:
       logits_fn: hidden states [..., D] -> float32 logits [..., V] (``Llama.logits``).
@@ -90,6 +92,9 @@ def chunked_response_logprobs(logits_fn: Callable[[jax.Array], jax.Array], h_btd
     targets_cbt = jnp.pad(input_ids[:, 1:], ((0, 0), (0, pad))).reshape(B, C, chunk).transpose(1, 0, 2)
     mask_bt = jnp.pad(response_mask[:, 1:].astype(jnp.float32), ((0, 0), (0, pad)))
 
+    # Checkpointed so a gradient through the map (the DPO and SFT steps) recomputes each chunk's
+    # logits in the backward pass instead of saving all C of them (which is the whole [B,T,V] again).
+    @jax.checkpoint
     def chunk_logp(args):
         h_btd, targets_bt = args
         logits_btv = logits_fn(h_btd).astype(jnp.float32)

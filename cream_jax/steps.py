@@ -125,8 +125,11 @@ def lm_loss(graphdef: Any, params: PyTree, batch: dict) -> tuple[jax.Array, dict
     """Next-token cross-entropy on ``loss_mask`` tokens (pre-training: all real tokens; SFT: the
     response and its end-of-turn token only, METHODS section 0). Token-weighted over the batch."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
-    per_example, n_tokens = losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])  # (B,), (B,)
+    h_btd, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+    # losses.sft_loss of the full logits, with the LM head run over time chunks (scoring module).
+    sum_logp, n_tokens = scoring.chunked_response_logprobs(model.logits, h_btd, batch["input_ids"], batch["loss_mask"])
+    n_tokens = n_tokens.astype(jnp.float32)
+    per_example = -sum_logp / jnp.maximum(n_tokens, 1.0)  # (B,)
     tokens = n_tokens * batch["weight"]
     loss = jnp.sum(per_example * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
     return loss, {"loss": loss, "tokens": jnp.sum(tokens)}
@@ -138,8 +141,8 @@ def _policy_pair_logps(graphdef: Any, params: PyTree, batch: dict) -> tuple[jax.
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)  # (2B, T)
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
     resp = jnp.concatenate([batch["chosen_resp"], batch["rejected_resp"]], axis=0)
-    logits = model(ids, mask)  # (2B, T, V)
-    sum_logp, n_tokens = scoring.response_logprobs(logits, ids, resp)  # (2B,), (2B,)
+    h_btd, _ = model.hidden_states(ids, mask)  # (2B, T, D)
+    sum_logp, n_tokens = scoring.chunked_response_logprobs(model.logits, h_btd, ids, resp)  # (2B,), (2B,)
     b = batch["chosen_ids"].shape[0]
     return sum_logp[:b], sum_logp[b:], n_tokens[:b], n_tokens[b:]
 
@@ -191,8 +194,9 @@ def make_scir_loss(beta: float, alpha: float, gamma: float, divergence: str, ver
     def loss_fn(graphdef, params, batch):
         chosen, rejected, _, _ = _policy_pair_logps(graphdef, params, batch)
         model = nnx.merge(graphdef, params)
-        logits_12 = model(batch["judge12_ids"], batch["judge12_mask"])[:, -1]  # (B, V)
-        logits_21 = model(batch["judge21_ids"], batch["judge21_mask"])[:, -1]  # (B, V)
+        # The LM head on the last (left-padded) position only: no [B, T, V] logits.
+        logits_12 = model.logits(model.hidden_states(batch["judge12_ids"], batch["judge12_mask"])[0][:, -1])  # (B, V)
+        logits_21 = model.logits(model.hidden_states(batch["judge21_ids"], batch["judge21_mask"])[0][:, -1])  # (B, V)
         p_gen = judge.pairwise_preference(logits_12, logits_21, *verdict_ids)  # (B,) p(y1 better)
         per_pair, m = losses.scir_loss(
             chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], p_gen,

@@ -26,7 +26,11 @@ ABS = 1e-5
 # Train metrics decided by a near-tie: at this scale SCIR's generative preference p_gen is 0.5 +- 5e-6,
 # so which pairs "agree" in iteration 2 (n_agreed 5 on one CPU, 4 on another) is decided by rounding,
 # and every iteration-2 train metric follows it. Iteration 1 and all results.json numbers stay pinned.
-NEAR_TIE = {"scir": ("iter2/train/",)}
+# SeRA trains one step per iteration with the policy equal to its reference, so the per-pair rewards
+# are +-1e-7 of rounding and rewards/accuracies (the share of margins > 0) is decided by it (it moved
+# 0.125 -> 0.0 when the LM head went over time chunks); the rewards themselves stay pinned to ABS.
+NEAR_TIE = {"scir": ("iter2/train/",),
+            "sera": ("iter1/train/rewards/accuracies", "iter2/train/rewards/accuracies")}
 pytestmark = pytest.mark.slow
 
 # name -> (gin bindings, models copied from the smoke run: SRLM's and SCIR's M1 are trained on their own

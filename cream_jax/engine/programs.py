@@ -42,11 +42,12 @@ def _traced_on(mesh: Mesh, split_rows: bool, jitted):
 
 def make_score_program(graphdef: Any, params: PyTree, mesh: Mesh, *, split_rows: bool = True):
     """``score(params, ids [B,T], mask [B,T], response_mask [B,T]) -> (sum_logp [B] f32, n_tokens [B] i32)``:
-    `cream_jax.scoring.response_logprobs` of one forward, rows sharded."""
+    `cream_jax.scoring.chunked_response_logprobs` of one forward (no [B,T,V] logits), rows sharded."""
 
     def score(state, input_ids, attention_mask, response_mask):
-        logits_btv = nnx.merge(graphdef, state)(input_ids, attention_mask)
-        return scoring.response_logprobs(logits_btv, input_ids, response_mask)
+        model = nnx.merge(graphdef, state)
+        h_btd, _ = model.hidden_states(input_ids, attention_mask)
+        return scoring.chunked_response_logprobs(model.logits, h_btd, input_ids, response_mask)
 
     rows, out = _batch(mesh, 2, split_rows), _batch(mesh, 1, split_rows)
     return _traced_on(mesh, split_rows, jax.jit(score, in_shardings=(shardings_of(params), rows, rows, rows),
