@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -48,7 +49,8 @@ def evaluate(run, params, key, n: int) -> dict:
         unreadable = sum(a is not None and evaluate_lib.extract_answer(a, evaluate_lib.task_kind(task)) is None
                          for a in answers)
         lo, hi = wilson(k, len(items))
-        out[task] = {"accuracy": acc[task], "n": len(items), "ci95": [lo, hi], "no_answer": unreadable / len(items)}
+        out[task] = {"accuracy": acc[task], "n": len(items), "ci95": [lo, hi], "no_answer": unreadable / len(items),
+                     "replies": [{"label": it["label"], "reply": a} for it, a in zip(items, answers)]}
     return out
 
 
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48, help="test items per task")
     ap.add_argument("--workdir", required=True)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     load0 = os.getloadavg()[0]
     config_lib.parse_gin(args.gin_file, [*args.gin_param, f"Eval.num_per_task = {args.n}",
                                          f"Eval.num_logged_samples = {2 * args.n}"])

@@ -107,8 +107,8 @@ class NaturalConfig:
     arith_max_value: int = 20
     arith_ops: tuple[str, ...] = ("add", "sub")
     choice_kinds: tuple[str, ...] = CHOICE_KINDS
-    choice_num_facts: int = 4
-    choice_num_options: int = 4
+    choice_num_facts: int = 3
+    choice_num_options: int = 3
     num_sft: int = 64
     num_eft: int = 60
     num_iterations: int = 3
