@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cream_jax import distributed, sharding
-from cream_jax.checkpoint import RunCheckpointer
+from cream_jax.checkpoint import ModelStore, RunCheckpointer
 from tests import _multihost_worker as worker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,12 +28,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(out: Path, devices: int, **env) -> subprocess.Popen:
+def _spawn(out: Path, devices: int, *args: str, **env) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
     full = {**base, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_XLA}", **env}
     log = open(out / f"log_{env.get('JAX_PROCESS_ID', 'single')}.txt", "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "tests._multihost_worker", "--out", str(out)],
+    return subprocess.Popen([sys.executable, "-m", "tests._multihost_worker", "--out", str(out), *args],
                             cwd=REPO, env=full, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -70,9 +70,19 @@ def _assert_transformers_logits_match(path: str) -> None:
 @pytest.mark.slow
 def test_two_processes_equal_one_and_checkpoint_restores_resharded(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
+    # Arrays on devices 4..7 of this one process: the 2-process run has no such devices (process 1's
+    # are 2048..2051), so its restores without a target use the fallback placement.
+    here = sharding.make_mesh(2, 2, 2)
+    foreign = {"x": jax.device_put(np.arange(64, dtype=np.float32).reshape(8, 8), sharding.batch_sharding(here, 2)),
+               "y": jax.device_put(np.arange(3, dtype=np.int32), jax.devices()[7])}
+    with RunCheckpointer(tmp_path / "foreign" / "ckpt", async_save=False) as ckpt:
+        ckpt.save(1, foreign, {"step": 1})
+    store = ModelStore(tmp_path / "foreign" / "models")
+    store.save("m", foreign)
+    store.close()
     coordinator = f"localhost:{_free_port()}"
-    procs = [_spawn(multi, 4, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-             for i in range(2)]
+    procs = [_spawn(multi, 4, "--restore", str(tmp_path / "foreign"), JAX_COORDINATOR_ADDRESS=coordinator,
+                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
     procs.append(_spawn(single, 8))
     _wait_all(procs, [multi, single])
 
@@ -97,6 +107,13 @@ def test_two_processes_equal_one_and_checkpoint_restores_resharded(tmp_path):
         np.testing.assert_array_equal(reloaded[name], got_params[name], err_msg=name)
     assert (multi / "hf" / "model.safetensors.index.json").exists()
     _assert_transformers_logits_match(str(multi / "hf"))
+
+    # Both processes read the whole foreign arrays (before the fix, process 1 found no addressable shards).
+    for i in range(2):
+        restored = np.load(multi / f"restored_{i}.npz")
+        assert sorted(restored.files) == ["ckpt/x", "ckpt/y", "store/x", "store/y"]
+        for name in restored.files:
+            np.testing.assert_array_equal(restored[name], np.asarray(foreign[name.split("/")[1]]), err_msg=name)
 
     # This process (8 devices, one host) restores the 2-process checkpoint onto another mesh layout.
     mesh = sharding.make_mesh(1, 4, 2)
