@@ -177,6 +177,19 @@ def _abstract(tree: PyTree) -> PyTree:
     return jax.tree.map(one, tree)
 
 
+def _fallback_sharding() -> jax.sharding.Sharding:
+    """Where a restore without a target puts an array whose saved devices are gone (another topology).
+
+    Replicated over the first local device of every process: each process reads the whole array
+    onto a device of its own, so ``np.asarray`` of it works in every process, as with one process.
+    ``jax.devices()[0]`` belongs to process 0 alone: the others' restore failed with "no
+    addressable shards". The whole mesh is not known here, and a copy per device would multiply
+    the memory of the whole arrays this restores by the local device count.
+    """
+    firsts = [jax.local_devices(process_index=p)[0] for p in range(jax.process_count())]
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(firsts), ("process",)), jax.sharding.PartitionSpec())
+
+
 def _saved_shapes(metadata_tree: PyTree) -> PyTree:
     """Orbax metadata tree -> tree of ``jax.ShapeDtypeStruct`` without sharding."""
 
@@ -424,8 +437,8 @@ class RunCheckpointer:
             ``jax.ShapeDtypeStruct`` (with ``.sharding`` to place the array there, resharding as
             needed; without it the saved sharding is reused) or concrete arrays (their shape,
             dtype and sharding are used). None restores the saved structure (namedtuples become
-            dicts, tuples lists): jax arrays on their saved sharding (device 0 if that topology is
-            gone), numpy leaves as numpy.
+            dicts, tuples lists): jax arrays on their saved sharding (if that topology is gone,
+            replicated on the first device of each process), numpy leaves as numpy.
 
         Returns:
           ``(state, progress, extra)``; ``self.restored_step`` is set to the step read.
@@ -494,7 +507,7 @@ class RunCheckpointer:
                 raise _TargetMismatchError(f"{where}: the checkpoint has no state arrays, the target has")
             return {}, progress, extra
         if target is None:
-            state_args = ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+            state_args = ocp.args.StandardRestore(fallback_sharding=_fallback_sharding())
         else:
             target = _abstract(target)
             _check_target(target, saved, where)
@@ -568,14 +581,14 @@ class ModelStore:
           name: model name.
           abstract_params: target tree of ``jax.ShapeDtypeStruct`` (with ``.sharding`` to place each
             array there) or concrete arrays; None restores the saved structure (jax arrays on their
-            saved sharding, device 0 if that topology is gone).
+            saved sharding; if that topology is gone, replicated on the first device of each process).
         """
         if not self.exists(name):
             raise FileNotFoundError(f"ModelStore: no model {name!r} in {self.directory}")
         path = self._path(name)
         try:
             if abstract_params is None:
-                args = ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+                args = ocp.args.StandardRestore(fallback_sharding=_fallback_sharding())
             else:
                 target = _abstract(abstract_params)
                 saved = _saved_shapes(self._ckptr.metadata(path).item_metadata.tree)

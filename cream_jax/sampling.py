@@ -277,7 +277,9 @@ def generate(model: nnx.Module, prompt_ids: jax.Array, prompt_mask: jax.Array, *
     for ok, message in checks:
         if not ok:
             raise ValueError(f"generate: {message}")
-    if not np.all(np.asarray(prompt_mask)[:, -1]):
+    # A multi-process global mask cannot be read on one host: reduce it on the mesh (replicated result).
+    last = prompt_mask[:, -1]
+    if not (np.all(np.asarray(last)) if getattr(last, "is_fully_addressable", True) else bool(jnp.all(last))):
         raise ValueError("generate: prompt_mask must be left-padded (its last column all 1)")
     static = _Static(num_samples, max_new_tokens, temperature == 0, int(top_k), top_p < 1.0, eos_ids, int(pad_id),
                      layers)

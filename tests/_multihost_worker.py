@@ -6,7 +6,10 @@ JAX_NUM_PROCESSES / JAX_PROCESS_ID from the environment), trains `STEPS` DPO ste
 (data=2, fsdp=2, tensor=2) mesh over the devices of all processes, writes a checkpoint with
 `cream_jax.checkpoint.RunCheckpointer` (when there are several processes), exports the trained
 model with `save_hf_llama` and loads the export back with `load_hf_llama` onto the mesh, and
-process 0 writes the losses, the final params and the reloaded params to DIR. The test runs the same functions in one process on 8 devices for the reference.
+process 0 writes the losses, the final params and the reloaded params to DIR. With ``--restore
+DIR2`` it also restores, without a target, the checkpoint and model snapshot that the test process
+wrote to DIR2 on 8 devices of one process (a topology this run lacks). The test runs the same
+functions in one process on 8 devices for the reference.
 
 Shape letters: B pairs, T time.
 """
@@ -24,7 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cream_jax import distributed, sharding, steps
-from cream_jax.checkpoint import RunCheckpointer
+from cream_jax.checkpoint import ModelStore, RunCheckpointer
 from cream_jax.config import OptimConfig
 from cream_jax.models.hf import load_hf_llama, save_hf_llama
 from cream_jax.models.llama import Llama, LlamaConfig
@@ -119,6 +122,7 @@ def host_params(state: dict) -> dict[str, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--restore", default=None)
     args = parser.parse_args()
     joined = distributed.initialize()  # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
     out = Path(args.out)
@@ -136,6 +140,15 @@ def main() -> None:
     loaded_state = nnx.state(loaded, nnx.Param)
     specs_match = all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(loaded_state), jax.tree.leaves(state["params"])))
     reloaded = host_params({"params": loaded_state})
+    restored = {}
+    if args.restore:  # saved devices gone: every process must still read every array whole
+        with RunCheckpointer(Path(args.restore) / "ckpt") as ckpt:
+            state_read, _, _ = ckpt.restore()
+        store = ModelStore(Path(args.restore) / "models")
+        restored = {"ckpt": state_read, "store": store.load("m")}
+        store.close()
+        restored = {f"{where}/{k}": np.asarray(v) for where, tree in restored.items() for k, v in tree.items()}
+        np.savez(out / f"restored_{jax.process_index()}.npz", **restored)
     if jax.process_index() == 0:
         np.savez(out / "params.npz", **params)
         np.savez(out / "reloaded.npz", **reloaded)
