@@ -257,6 +257,7 @@ def evaluate_model(run: Run, params: Any, key: jax.Array) -> tuple[dict, list]:
         toks, tmask = sample_responses(
             model, np.asarray(ids), np.asarray(mask), key=key, num_samples=1, max_new_tokens=cfg.eval.max_new_tokens,
             temperature=0.0, top_p=1.0, top_k=0, tokens=run.tokens, batch_size=cfg.eval.batch_size,
+            layers=cfg.sampling.layers,
         )
         texts = [row[0] for row in decode_responses(run.tokenizer, toks, tmask)]
         if len(samples) < cfg.eval.num_logged_samples:
