@@ -13,11 +13,9 @@ their sum less the donated (aliased) bytes, and whether that fits ``--hbm_gb``.
 The sample phase is compiled with scanned decode layers (``layers="scan"``: one ``lax.scan`` over
 stacked [L, ...] KV caches) whatever ``Sampling.layers`` says: at 8B the unrolled program does not
 compile on XLA:CPU in reasonable time (L copies of the layer per decode segment). It is the same
-algorithm with the same parameters and caches, but not the same XLA:CPU buffer assignment: the
-scanned program holds a gathered (on CPU float32) copy of the FSDP-sharded LM head in the loop
-state of every 16-step decode segment, so with a large vocabulary and many new tokens its
-temporaries overstate the unrolled program's (bench/README.md: 131 vs 4.7 GB for one 8B layer
-with the 8B preset's shapes on 8 devices). Read the sample row as an upper bound.
+algorithm with the same parameters, prompt cache and generated-token cache, so the arguments and
+outputs are the same; the temporaries are the scanned program's buffer assignment, which is not
+the unrolled one's (at one 8B layer 33 GB against 4.7 GB; bench/README.md).
 
 The architecture comes from ``--preset`` (`cream_jax.models.presets`), else from
 ``Model.source/config.json`` when that folder exists, else from the preset whose hub id ends with

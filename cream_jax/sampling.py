@@ -219,8 +219,9 @@ def _kernel(graphdef: Any, s: _Static) -> Callable:
             layers = model.unstack_layers()  # weights sliced once, not every step
             pad_time = lambda n: ((0, 0), (0, 0), (0, n), (0, 0))  # noqa: E731  [R,K,S,H]
         # Scanned layers: the LM head gathered once for all segments (otherwise XLA keeps one gathered
-        # copy per segment: 144 instead of ~50 GB per device for the 8B preset on 8 devices). The
-        # unrolled program does not make those copies, and the extra whole head costs it memory.
+        # copy per segment: 144 instead of 45 GB of temporaries per device for the 8B preset on 8
+        # devices, `cream_jax.plan`). The unrolled program makes no such copies, and one more whole
+        # head costs it memory (1.6 GB at one 8B layer).
         head = model.head_weights() if s.layers == "scan" else None
         carry = (jnp.int32(1), gen, tok_b, tokens_bm, mask_bm, done_b)
         for end in _segment_ends(M):

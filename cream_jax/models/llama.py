@@ -685,8 +685,9 @@ class Llama(nnx.Module):
 
     def head_weights(self) -> jax.Array:
         """The LM head [D, V] in the compute dtype, gathered whole on every device: one copy for
-        a whole decode. Left inside the loops, XLA hoists an FSDP gather of it out of each decode
-        segment's loop and keeps every copy (48 at 768 new tokens: ~94 GB per device at 8B)."""
+        a whole scanned decode. Left inside the loops, XLA hoists an FSDP gather of it out of each
+        decode segment's loop and keeps every copy (48 segments at 768 new tokens: ~100 GB per
+        device at 8B on XLA:CPU, which gathers it in float32)."""
         w_dv = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
         return sharding.constrain(w_dv.astype(self.config.jnp_dtype), (None, None))
 
