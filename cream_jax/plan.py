@@ -14,8 +14,9 @@ The sample phase is compiled with scanned decode layers (``layers="scan"``: one 
 stacked [L, ...] KV caches) whatever ``Sampling.layers`` says: at 8B the unrolled program does not
 compile on XLA:CPU in reasonable time (L copies of the layer per decode segment). It is the same
 algorithm with the same parameters, prompt cache and generated-token cache, so the arguments and
-outputs are the same; the temporaries are the scanned program's buffer assignment, which is not
-the unrolled one's (at one 8B layer 33 GB against 4.7 GB; bench/README.md).
+outputs are the same; the temporaries are the scanned program's buffer assignment, a little above
+the unrolled one's where both compile (8B shapes, 2 and 4 layers: 13.0 vs 10.8 and 15.0 vs 12.9 GB
+per device on 8 devices; bench/README.md).
 
 The architecture comes from ``--preset`` (`cream_jax.models.presets`), else from
 ``Model.source/config.json`` when that folder exists, else from the preset whose hub id ends with
