@@ -99,6 +99,10 @@ class SamplingConfig:
     top_k: int = 0
     max_new_tokens: int = 32
     batch_size: int = 64  # prompts per generate call
+    # Decode layers of the rollout's and the eval's generate calls: "unroll" (L copies of the
+    # layer in the program; fastest on small CPU models) or "scan" (one lax.scan over stacked caches:
+    # the same tokens, a compile time that does not grow with depth; for deep models).
+    layers: str = "unroll"
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,7 @@ _CHOICES = {
     "meta_rewarding.judge_template": ("additive", "compact"),
     "meta_rewarding.score_readout": ("parsed", "expected"),
     "dpo.loss_type": ("sigmoid", "ipo", "hinge", "simpo"),
+    "sampling.layers": ("unroll", "scan"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.export_dtype": (None, "float32", "bfloat16"),

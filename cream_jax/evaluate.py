@@ -227,19 +227,17 @@ def _group_by_task(eval_sets: Mapping[str, Sequence[dict]] | Sequence[dict]) -> 
 
 
 def _batched(fn: Callable[[list], list], inputs: list, batch_size: int) -> list:
-    """Calls ``fn`` on chunks of exactly ``min(batch_size, len(inputs))`` inputs (the last chunk
-    is padded by repeating its final element, outputs for the padding are dropped), so a jitted
-    ``fn`` sees one shape per eval set and compiles once."""
-    size = min(batch_size, len(inputs))
+    """Calls ``fn`` on consecutive chunks of at most ``batch_size`` inputs; the last one is not
+    padded here: the engine pads a short batch only to its mesh bucket (`cream_jax.engine.batching`),
+    so a 10-item set with a batch size of 128 runs 10 rows rounded up to what the mesh allows, and
+    the shapes a jitted ``fn`` sees repeat from one evaluation to the next (no recompiles)."""
     outputs: list = []
-    for start in range(0, len(inputs), size):
-        chunk = inputs[start:start + size]
-        n = len(chunk)
-        chunk = chunk + [chunk[-1]] * (size - n)
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
         result = list(fn(chunk))
-        if len(result) != size:
-            raise ValueError(f"evaluate: callable returned {len(result)} outputs for a batch of {size}")
-        outputs.extend(result[:n])
+        if len(result) != len(chunk):
+            raise ValueError(f"evaluate: callable returned {len(result)} outputs for a batch of {len(chunk)}")
+        outputs.extend(result)
     return outputs
 
 
@@ -269,8 +267,9 @@ def evaluate(
     """Accuracy per task of greedy generations on held-out sets.
 
     Args:
-      generate_fn: maps a list of chat message lists to as many texts; every call of one eval set
-        gets exactly ``min(batch_size, len(set))`` prompts (the last batch is padded).
+      generate_fn: maps a list of chat message lists to as many texts; each call gets at most
+        ``batch_size`` prompts (the last call of a set the rest, unpadded: the engine's
+        `cream_jax.engine.host.sample_responses` pads it to its mesh bucket).
       eval_sets: ``{task: [{"id", "question", "label"}, ...]}`` or a flat list of items with "task";
         an item may give its prompt as "messages" (a chat ending with the user turn) instead.
       batch_size: maximum prompts per call of ``generate_fn`` / ``score_fn``.

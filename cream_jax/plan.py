@@ -10,6 +10,14 @@ step — lowers and compiles the very program the loop runs (`cream_jax.engine.p
 per device, what ``compiled.memory_analysis()`` reports: arguments, outputs, temporaries, and
 their sum less the donated (aliased) bytes, and whether that fits ``--hbm_gb``.
 
+The sample phase is compiled with scanned decode layers (``layers="scan"``: one ``lax.scan`` over
+stacked [L, ...] KV caches) whatever ``Sampling.layers`` says: at 8B the unrolled program does not
+compile on XLA:CPU in reasonable time (L copies of the layer per decode segment). It is the same
+algorithm with the same parameters, prompt cache and generated-token cache, so the arguments and
+outputs are the same; the temporaries are the scanned program's buffer assignment, a little above
+the unrolled one's where both compile (8B shapes, 2 and 4 layers: 13.0 vs 10.8 and 15.0 vs 12.9 GB
+per device on 8 devices; bench/README.md).
+
 The architecture comes from ``--preset`` (`cream_jax.models.presets`), else from
 ``Model.source/config.json`` when that folder exists, else from the preset whose hub id ends with
 ``Model.source``'s folder name (the gin presets' placeholder paths name their checkpoint).
@@ -91,8 +99,10 @@ def _rows_for(n: int, mesh) -> int:
     return -(-n // multiple) * multiple
 
 
-def phase_programs(cfg: config_lib.RunConfig, model_config: LlamaConfig, mesh) -> dict[str, tuple[Any, tuple]]:
-    """phase -> (lowerable program, abstract arguments), at the config's batch and sequence sizes."""
+def phase_programs(cfg: config_lib.RunConfig, model_config: LlamaConfig, mesh,
+                   sample_layers: str = "scan") -> dict[str, tuple[Any, tuple]]:
+    """phase -> (lowerable program, abstract arguments), at the config's batch and sequence sizes;
+    the sample phase with ``sample_layers`` decode layers (see the module doc)."""
     s, r = cfg.sampling, cfg.reward
     prompt_len, seq_len = cfg.data.max_prompt_len, cfg.data.max_prompt_len + s.max_new_tokens
     remat = cfg.model.remat_policy if cfg.model.remat else "none"
@@ -103,7 +113,8 @@ def phase_programs(cfg: config_lib.RunConfig, model_config: LlamaConfig, mesh) -
     out = {
         "sample": (programs.make_generate_program(
             graphdef, params, mesh, num_samples=s.num_samples, max_new_tokens=s.max_new_tokens,
-            greedy=s.temperature == 0, top_k=s.top_k, use_top_p=s.top_p < 1.0, eos_ids=eos, pad_id=0),
+            greedy=s.temperature == 0, top_k=s.top_k, use_top_p=s.top_p < 1.0, eos_ids=eos, pad_id=0,
+            layers=sample_layers),
             (params, _rows(mesh, (b_sample, prompt_len)), _rows(mesh, (b_sample, prompt_len)),
              jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh)),
              _scalar(mesh), _scalar(mesh))),
@@ -128,18 +139,22 @@ def phase_programs(cfg: config_lib.RunConfig, model_config: LlamaConfig, mesh) -
 
 
 def plan(cfg: config_lib.RunConfig, devices: int, hbm_gb: float | None = None, preset: str | None = None,
-         phases: tuple[str, ...] = PHASES) -> list[dict]:
+         phases: tuple[str, ...] = PHASES, model_config: LlamaConfig | None = None,
+         sample_layers: str = "scan") -> list[dict]:
     """Compiles each phase on a mesh of ``devices`` of the current backend; one row per phase.
+
+    ``model_config`` overrides the architecture (e.g. fewer layers); ``sample_layers`` is "scan"
+    (the default, see the module doc) or "unroll".
 
     Rows: phase, argument/output/temp/alias bytes per device, ``peak`` = arguments + outputs +
     temporaries - aliased, ``fits`` (None without ``hbm_gb``) and the compile time in seconds.
     """
     if len(jax.devices()) < devices:
         raise ValueError(f"plan: --devices {devices} but only {len(jax.devices())} devices are available")
-    model_config = architecture(cfg, preset)
+    model_config = model_config or architecture(cfg, preset)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.devices()[:devices])
     rows = []
-    for phase, (program, args) in phase_programs(cfg, model_config, mesh).items():
+    for phase, (program, args) in phase_programs(cfg, model_config, mesh, sample_layers).items():
         if phase not in phases:
             continue
         start = time.perf_counter()

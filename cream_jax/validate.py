@@ -302,6 +302,7 @@ _add({
     "Sampling.top_k": at_least(0),
     "Sampling.max_new_tokens": at_least(1),
     "Sampling.batch_size": at_least(1),
+    "Sampling.layers": one_of("unroll", "scan"),
     "Reward.reward_reference": one_of("initial", "previous"),
     "Reward.consistency_method": one_of("kendall", "spearman", "toporder"),
     "Reward.ties": one_of("b", "ordinal"),

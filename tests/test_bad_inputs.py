@@ -147,6 +147,7 @@ CONFIG_CASES = [
     ("Sampling.top_k = -1", "Sampling.top_k: -1 must be >= 0"),
     ("Sampling.temperature = -0.5", "Sampling.temperature: -0.5 must be >= 0"),
     ("Sampling.num_samples = 1", "Sampling.num_samples: 1 must be >= 2"),
+    ("Sampling.layers = 'loop'", "Sampling.layers: 'loop' must be one of 'unroll', 'scan'"),
     ('Sampling.max_new_tokens = "16"', "Sampling.max_new_tokens: expected int, got str"),
     ("Mesh.fsdp = 0", "Mesh.fsdp: 0 must be >= 1, or -1"),
     ("Mesh.tensor = -2", "Mesh.tensor: -2 must be >= 1, or -1"),

@@ -119,10 +119,10 @@ def test_expected_judge_program_is_data_parallel(model):
     assert costs[1] / costs[0] < MAX_FLOP_RATIO, costs
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_generate_program_is_data_parallel(model, greedy):
+@pytest.mark.parametrize("greedy, layers", [(True, "unroll"), (False, "unroll"), (False, "scan")])
+def test_generate_program_is_data_parallel(model, greedy, layers):
     ids, mask = random_batch(8, 10, CFG.vocab_size, seed=7, left_pad=True, min_len=3)
-    kw = dict(num_samples=2, max_new_tokens=6, eos_ids=(2,), pad_id=0)
+    kw = dict(num_samples=2, max_new_tokens=6, eos_ids=(2,), pad_id=0, layers=layers)
     key = jax.random.key(4)
     temperature, top_p = jnp.float32(1.0), jnp.float32(1.0)
     ref = sampling.generate(model, ids, mask, key=key, temperature=0.0 if greedy else 1.0, **{

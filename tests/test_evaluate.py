@@ -1,5 +1,6 @@
 """Answer extractors (default and CREAM-official, METHODS 2.7-6), accuracy and the evaluate loop."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,6 +15,8 @@ from cream_jax.evaluate import (
     select_by_likelihood,
     task_kind,
 )
+from cream_jax import sharding
+from cream_jax.engine import batching
 
 DEFAULT_CHOICE = [
     ("Bob wears blue. The answer is (B).", "B"),
@@ -131,7 +134,7 @@ def test_select_by_likelihood_ties_go_first():
     assert select_by_likelihood(score_fn, [[{}], [{}]], [["a", "b", "c"]] * 2) == ["B", "C"]
 
 
-def test_evaluate_batches_pads_and_scores():
+def test_evaluate_batches_and_scores():
     calls = []
     answers = {"q1": "The answer is 3.", "q2": "The answer is 5.", "q3": "I do not know."}
 
@@ -142,7 +145,7 @@ def test_evaluate_batches_pads_and_scores():
     sets = {"arith": [{"id": i, "question": f"q{i}", "label": lab} for i, lab in ((1, "3"), (2, "4"), (3, "1"))]}
     acc, outputs = evaluate(generate_fn, sets, batch_size=2, return_outputs=True)
     assert acc == {"arith": pytest.approx(1 / 3)}
-    assert calls == [2, 2]  # the last batch is padded to the static batch size
+    assert calls == [2, 1]  # the last batch is not padded here (the engine pads to its mesh bucket)
     assert [o["correct"] for o in outputs["arith"]] == [True, False, False]
     assert outputs["arith"][1]["prediction"] == "5"
     calls.clear()
@@ -177,3 +180,35 @@ def test_evaluate_flat_list_suffix_and_likelihood_mode():
     assert seen[-1] == "Who? (A) x (B) y!"
     with pytest.raises(ValueError, match="item 'z' of 'arith' has neither 'question' nor 'messages'"):
         evaluate(generate_fn, {"arith": [{"id": "z", "label": "1"}]}, batch_size=1)
+
+
+def test_eval_rows_reach_the_program_padded_only_to_the_mesh_bucket():
+    """Rows the jitted program runs per call, on 8 devices (data=8), through the engine's batching:
+    18 items at batch size 16 run 16 + 8 rows (not 16 + 16), 10 items at batch size 128 run 16 (not
+    128); the shapes repeat, so a second evaluation compiles nothing."""
+    mesh = sharding.make_mesh(data=8)
+    rows, traces = [], []
+
+    @jax.jit
+    def program(x):
+        traces.append(x.shape)  # runs once per compiled shape
+        return x * 0 + 7
+
+    def generate_fn_for(batch_size):  # as the loop binds it: one Eval.batch_size for both
+        def generate_fn(batch):
+            def run(x):
+                rows.append(x.shape[0])
+                return program(x)
+
+            return ["The answer is %d." % v for v in batching.map_batched(run, [np.arange(len(batch))], mesh, batch_size)]
+
+        return generate_fn
+
+    for n, batch_size, want in ((18, 16, [16, 8]), (10, 128, [16])):
+        sets = {"arith": [{"id": i, "question": f"q{i}", "label": "7"} for i in range(n)]}
+        rows.clear()
+        assert evaluate(generate_fn_for(batch_size), sets, batch_size=batch_size) == {"arith": 1.0}
+        assert rows == want
+    compiled = len(traces)
+    evaluate(generate_fn_for(16), {"arith": [{"id": i, "question": "q", "label": "7"} for i in range(18)]}, batch_size=16)
+    assert len(traces) == compiled

@@ -1,12 +1,15 @@
 """cream_jax.plan: the 8B preset's phase programs compile abstractly (no weights) on 8 fake devices."""
 
+import math
 import subprocess
 import sys
+
+import jax
 
 import pytest
 
 from cream_jax import config as config_lib
-from cream_jax import plan
+from cream_jax import plan, sharding
 from cream_jax.models import presets
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -34,6 +37,26 @@ def test_8b_preset_plans_on_8_devices_from_shapes_alone():
         assert r["temp"] > 0 and r["peak"] == r["arguments"] + r["outputs"] + r["temp"] - r["alias"]
         assert r["fits"] == (r["peak"] <= 80e9)
     assert rows["score"]["fits"]
+
+
+def test_sample_phase_plans_with_scanned_layers():
+    """The sample row, on a small preset: the 8B sample program alone compiles for minutes on 2
+    cores, so the 8B test above leaves it out. The program's arguments are one FSDP-split copy of
+    the params and the prompts; its outputs the [B, R, M] tokens and mask, split over the rows."""
+    cfg = _cfg(bindings=["Model.source = '/x/SmolLM2-135M-Instruct'", "Mesh.data = 1", "Mesh.fsdp = -1",
+                         "Data.max_prompt_len = 32",
+                         "Sampling.max_new_tokens = 8", "Sampling.batch_size = 8", "Sampling.num_samples = 2"])
+    (row,) = plan.plan(cfg, devices=8, hbm_gb=1, phases=("sample",))
+    assert row["phase"] == "sample" and row["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    mesh = sharding.make_mesh(1, 8, 1)
+    _, params = plan.abstract_params(plan.architecture(cfg), mesh)
+    per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    assert per_device < 0.13 * 4 * presets.num_params(presets.preset_config("smollm2_135m"))  # ~1/8 (norms replicated)
+    prompts = 2 * 8 * 32 * 4 // 8  # ids and mask [8, 32] int32 split over 8 devices
+    assert per_device + prompts <= row["arguments"] <= per_device + prompts + 64  # + the key and two scalars
+    outputs = 2 * 8 * 2 * 8 * 4 // 8  # tokens and mask [8, 2, 8] int32, split over the rows
+    assert outputs <= row["outputs"] <= outputs + 16  # + the output tuple's two pointers
+    assert row["temp"] > 0 and row["fits"] == (row["peak"] <= 1e9)
 
 
 def test_cli_runs_itself_again_for_more_devices_than_the_backend_has():

@@ -101,15 +101,17 @@ def sample_responses(
     tokens: TokenSpec,
     batch_size: int,
     progress=None,
+    layers: str = "unroll",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """N responses per prompt: ``(tokens [B, R, S], mask [B, R, S])`` on the host."""
+    """N responses per prompt: ``(tokens [B, R, S], mask [B, R, S])`` on the host (``layers``:
+    `cream_jax.sampling.generate`'s decode layers)."""
     counter = iter(range(1 << 30))
 
     def one(ids, mask):
         return generate(
             model, ids, mask, key=jax.random.fold_in(key, next(counter)), num_samples=num_samples,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            eos_id=tokens.eos_ids, pad_id=tokens.pad_id,
+            eos_id=tokens.eos_ids, pad_id=tokens.pad_id, layers=layers,
         )
 
     return batched(model, one, [prompt_ids, prompt_mask], batch_size, progress)

@@ -71,17 +71,18 @@ def make_expected_judge_program(graphdef: Any, params: PyTree, mesh: Mesh, *, sp
 
 def make_generate_program(graphdef: Any, params: PyTree, mesh: Mesh, *, num_samples: int, max_new_tokens: int,
                           greedy: bool, eos_ids: Sequence[int], pad_id: int, top_k: int = 0, use_top_p: bool = False,
-                          split_rows: bool = True):
+                          layers: str = "unroll", split_rows: bool = True):
     """``generate(params, prompt_ids [B,T], prompt_mask [B,T], key, temperature, top_p) -> (tokens [B,R,M],
     mask [B,R,M])``: `cream_jax.sampling.generate`'s kernel (prefill + KV-cache decode, the R samples
     sharing their prompt's cache) with the prompts, the caches and the outputs split over rows.
 
     ``temperature`` and ``top_p`` are traced scalars (``temperature`` > 0; it is unused when greedy).
+    ``layers``: "unroll" or "scan" decode layers (`cream_jax.sampling.generate`; same tokens).
     ``split_rows=False`` (every factory): the batch replicated on every device instead, the
     pre-engine behaviour, for comparison benchmarks only.
     """
     static = sampling._Static(num_samples, max_new_tokens, greedy, int(top_k), use_top_p,
-                              tuple(int(e) for e in eos_ids), int(pad_id))
+                              tuple(int(e) for e in eos_ids), int(pad_id), layers)
     kernel = sampling._kernel(graphdef, static)
     rows, one, out = _batch(mesh, 2, split_rows), sharding.replicated(mesh), _batch(mesh, 3, split_rows)
     return _traced_on(mesh, split_rows, jax.jit(kernel, in_shardings=(shardings_of(params), rows, rows, one, one, one),

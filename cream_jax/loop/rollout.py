@@ -100,7 +100,7 @@ def make_rollout(model: Any, tokenizer: Any, pool: list[dict], *, key: jax.Array
     toks, tmask = sample_responses(
         model, prompt_ids, prompt_mask, key=key, num_samples=s.num_samples, max_new_tokens=s.max_new_tokens,
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, tokens=tokens, batch_size=s.batch_size,
-        progress=progress,
+        progress=progress, layers=s.layers,
     )
     seqs = {k: np.asarray(v) for k, v in pipeline.join_prompt_response(prompt_ids, prompt_mask, toks, tmask).items()}
     texts = decode_responses(tokenizer, toks, tmask)

@@ -27,6 +27,7 @@ from flax import nnx
 from cream_jax import checkpoint, config as config_lib, evaluate, methods, metrics, sharding, steps, validate
 from cream_jax.config import RunConfig
 from cream_jax.data import natural, pipeline, sources, synthetic
+from cream_jax.engine import programs
 from cream_jax.engine.host import TokenSpec, decode_responses, sample_responses
 from cream_jax.loop import curate as curate_lib, trainer as trainer_lib
 from cream_jax.loop.logprobs import LogProbTable
@@ -143,6 +144,7 @@ class Run:
     setup_seconds: float = 0.0  # model load, data, mesh (for row 0)
     models: dict = dataclasses.field(default_factory=dict)  # name -> params resident on the mesh
     inputs: dict = dataclasses.field(default_factory=dict)  # rows skipped / truncated per source (validate.count_inputs)
+    _cast: Any = None  # the compiled compute-dtype cast of scored-only models (scored_copy)
 
     def model(self, params) -> Llama:
         return nnx.merge(self.graphdef, params)
@@ -154,17 +156,47 @@ class Run:
 
     def keep_resident(self, name: str, params) -> None:
         """Holds ``params`` on the mesh; with ``m{k}``, models older than M_{k-1} other than M0 are
-        dropped: no method reads more than M0, M_{t-1} and M_t at iteration t (METHODS section 0)."""
+        dropped: no method reads more than M0, M_{t-1} and M_t at iteration t (METHODS section 0).
+        The older models kept (M0, M_{k-1}) are only scored from then on: they are held as their
+        compute-dtype copy (`scored_copy`), M_k (the next policy, trained) as given."""
         self.models[name] = params
         if name.startswith("m") and name[1:].isdigit():
             k = int(name[1:])
-            for old in [n for n in self.models if n.startswith("m") and n[1:].isdigit() and 0 < int(n[1:]) < k - 1]:
-                del self.models[old]
+            for old in [n for n in self.models if n.startswith("m") and n[1:].isdigit() and int(n[1:]) < k]:
+                if 0 < int(old[1:]) < k - 1:
+                    del self.models[old]
+                else:
+                    self.models[old] = self.scored_copy(self.models[old])
+
+    def _scored_dtype(self):
+        """The dtype of a model that is only scored: the compute dtype (Model.dtype) where it is
+        narrower than the stored one (bf16 compute, fp32 masters: half the memory; the forward
+        casts to it anyway, so the scores are the same); None where nothing is saved."""
+        mc = self.model_config
+        compute, stored = jnp.dtype(mc.jnp_dtype), jnp.dtype(mc.jnp_param_dtype)
+        return compute if compute.itemsize < stored.itemsize else None
+
+    def scored_copy(self, params):
+        """``params`` in the compute dtype, each leaf on its sharding (`programs.make_cast_params`,
+        compiled once per run); ``params`` itself where no narrower dtype applies."""
+        dtype = self._scored_dtype()
+        if dtype is None or all(x.dtype == dtype for x in jax.tree.leaves(params)
+                                if jnp.issubdtype(x.dtype, jnp.floating)):
+            return params
+        if self._cast is None:
+            self._cast = programs.make_cast_params(params, dtype)
+        return self._cast(params)
 
     def get_model(self, name: str):
+        """M_k by name for scoring: resident, or read from the store straight into the compute-dtype copy."""
         if name in self.models:
             return self.models[name]
-        return self.store.load(name, _abstract(self.models["policy"]))
+        target = _abstract(self.models["policy"])
+        dtype = self._scored_dtype()
+        if dtype is not None:  # orbax casts while reading
+            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                                                                else x.dtype, sharding=x.sharding), target)
+        return self.store.load(name, target)
 
     def save(self, state: dict, progress: dict, extra: dict | None = None) -> None:
         self.save_counter += 1
@@ -257,6 +289,7 @@ def evaluate_model(run: Run, params: Any, key: jax.Array) -> tuple[dict, list]:
         toks, tmask = sample_responses(
             model, np.asarray(ids), np.asarray(mask), key=key, num_samples=1, max_new_tokens=cfg.eval.max_new_tokens,
             temperature=0.0, top_p=1.0, top_k=0, tokens=run.tokens, batch_size=cfg.eval.batch_size,
+            layers=cfg.sampling.layers,
         )
         texts = [row[0] for row in decode_responses(run.tokenizer, toks, tmask)]
         if len(samples) < cfg.eval.num_logged_samples:
@@ -317,8 +350,10 @@ def run_loop(cfg: RunConfig, workdir: str | os.PathLike) -> dict:
     """Runs (or resumes) the whole pipeline; returns the results dict also written to results.json."""
     total_tic = time.perf_counter()
     run, params0 = setup(cfg, workdir)
+    run.models["policy"] = params0
+    del params0  # held by `run` only, so the stages can let M0's float32 copy go (scored_copy)
     try:
-        out = _run_stages(run, params0)
+        out = _run_stages(run)
     finally:  # pending asynchronous checkpoint writes finish (or fail) before the process exits
         run.ckpt.close()
         run.store.close()
@@ -328,11 +363,11 @@ def run_loop(cfg: RunConfig, workdir: str | os.PathLike) -> dict:
     return out
 
 
-def _run_stages(run: Run, params0: Any) -> dict:
+def _run_stages(run: Run) -> dict:
     cfg = run.cfg
     checkpoint.write_run_info(run.workdir, config_text=_config_text(cfg), config_hash=config_lib.fingerprint(cfg),
                               git_hash=checkpoint.git_hash())
-    run.models["policy"] = params0
+    params0 = run.models["policy"]  # the initial (or loaded) params
     resume = _load_resume(run, params0)
     progress = resume["progress"] if resume else {"stage": "pretrain", "iteration": 0, "phase": "train", "step": 0}
     run.results = list(progress.get("results", []))
@@ -391,6 +426,7 @@ def _run_stages(run: Run, params0: Any) -> dict:
     run.models["policy"] = m1
     if cfg.keep_models_resident:
         run.keep_resident("m1", m1)
+    del m0, params0  # M0 stays only as run.models["m0"], its compute-dtype copy (or on disk)
     if not any(r["iteration"] == 0 for r in run.results):
         tic = time.perf_counter()
         acc, samples = evaluate_model(run, m1, jax.random.fold_in(key, 0))

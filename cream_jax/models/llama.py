@@ -674,11 +674,22 @@ class Llama(nnx.Module):
             new_cache = KVCache(tuple(ks), tuple(vs), key_mask_bs, cache.index + T)
         return rms_norm(x_btd, self.final_norm[...].astype(dt), self.config.rms_norm_eps), new_cache
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        """Vocabulary logits [..., V] in float32 from hidden states [..., D]."""
+    def logits(self, h: jax.Array, head: jax.Array | None = None) -> jax.Array:
+        """Vocabulary logits [..., V] in float32 from hidden states [..., D]; ``head``: the
+        :meth:`head_weights` computed once outside a decode loop (default: here)."""
+        if head is not None:
+            return jnp.einsum("...d,dv->...v", h, head, preferred_element_type=jnp.float32)
         if self.config.tie_word_embeddings:
             return jnp.einsum("...d,vd->...v", h, self.embed[...].astype(h.dtype), preferred_element_type=jnp.float32)
         return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def head_weights(self) -> jax.Array:
+        """The LM head [D, V] in the compute dtype, gathered whole on every device: one copy for
+        a whole scanned decode. Left inside the loops, XLA hoists an FSDP gather of it out of each
+        decode segment's loop and keeps every copy (48 segments at 768 new tokens: ~100 GB per
+        device at 8B on XLA:CPU, which gathers it in float32)."""
+        w_dv = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return sharding.constrain(w_dv.astype(self.config.jnp_dtype), (None, None))
 
     def __call__(self, input_ids, attention_mask=None, *, cache: KVCache | None = None):
         """Logits [B,T,V] float32, or ``(logits, cache)`` when a cache is passed."""
