@@ -18,8 +18,8 @@ outputs are the same; the temporaries are the scanned program's buffer assignmen
 the unrolled one's where both compile (8B shapes, 2 and 4 layers: 13.0 vs 10.8 and 15.0 vs 12.9 GB
 per device on 8 devices; bench/README.md).
 
-The architecture comes from ``--preset`` (`cream_jax.models.presets`), else from
-``Model.source/config.json`` when that folder exists, else from the preset whose hub id ends with
+The architecture comes from ``--preset`` (`cream_jax.models.presets`), else from a GGUF source's
+header (``*.gguf`` or ``pkg:...``, no tensor read), else from ``Model.source/config.json`` when that folder exists, else from the preset whose hub id ends with
 ``Model.source``'s folder name (the gin presets' placeholder paths name their checkpoint).
 
 The fake devices: the device count must be fixed before JAX starts its CPU backend, so ``main``
@@ -47,7 +47,7 @@ from flax import nnx
 from cream_jax import config as config_lib
 from cream_jax import sharding, steps
 from cream_jax.engine import programs
-from cream_jax.models import presets
+from cream_jax.models import gguf, presets
 from cream_jax.models.llama import Llama, LlamaConfig
 
 PHASES = ("sample", "score", "judge", "train")
@@ -64,6 +64,8 @@ def architecture(cfg: config_lib.RunConfig, preset: str | None = None) -> LlamaC
         return dataclasses.replace(presets.preset_config(preset), **dtypes)
     if m.source == "embedded":
         raise ValueError("plan: Model.source='embedded' is the tiny CPU model; plan a checkpoint config or pass --preset")
+    if m.source.startswith(gguf.PKG_SCHEME) or m.source.endswith(".gguf"):
+        return dataclasses.replace(gguf.gguf_config(m.source), **dtypes)
     config_json = os.path.join(m.source, "config.json")
     if os.path.isfile(config_json):
         with open(config_json) as f:

