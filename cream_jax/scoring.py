@@ -86,6 +86,8 @@ def chunked_response_logprobs(logits_fn: Callable[[jax.Array], jax.Array], h_btd
         chunk = max(1, LOGITS_CHUNK_BYTES // (4 * B * V))
     chunk = min(chunk, T - 1) if T > 1 else 1
     C = math.ceil((T - 1) / chunk)
+    if C == 1:  # the logits fit the budget: one plain pass (no map, no recompute in the backward)
+        return response_logprobs(logits_fn(h_btd), input_ids, response_mask)
     pad = C * chunk - (T - 1)
     # Position j predicts token j + 1; the padded tail positions have mask 0.
     h_cbtd = jnp.pad(h_btd[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(B, C, chunk, -1).transpose(1, 0, 2, 3)
