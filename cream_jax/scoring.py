@@ -107,6 +107,14 @@ def chunked_response_logprobs(logits_fn: Callable[[jax.Array], jax.Array], h_btd
     return jnp.sum(logp_bt * mask_bt, axis=1), jnp.sum(mask_bt, axis=1).astype(jnp.int32)
 
 
+def model_response_logprobs(model: Any, input_ids: jax.Array, attention_mask: jax.Array,
+                            response_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`chunked_response_logprobs` of ``model``'s forward (``hidden_states`` then ``logits``
+    by time chunk), for use inside a jit: what every loop program that scores responses runs."""
+    h_btd, _ = model.hidden_states(input_ids, attention_mask)
+    return chunked_response_logprobs(model.logits, h_btd, input_ids, response_mask)
+
+
 def _scorer(graphdef: Any) -> Callable:
     key = (graphdef, LOGITS_CHUNK_BYTES)
     fn = _SCORERS.get(key)
@@ -115,9 +123,7 @@ def _scorer(graphdef: Any) -> Callable:
         @jax.jit
         def fn(state, input_ids, attention_mask, response_mask):
             TRACE_COUNTS["sequence_logprobs"] += 1
-            model = nnx.merge(graphdef, state)
-            h_btd, _ = model.hidden_states(input_ids, attention_mask)
-            return chunked_response_logprobs(model.logits, h_btd, input_ids, response_mask)
+            return model_response_logprobs(nnx.merge(graphdef, state), input_ids, attention_mask, response_mask)
 
         _SCORERS[key] = fn
     return fn

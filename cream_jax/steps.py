@@ -125,9 +125,9 @@ def lm_loss(graphdef: Any, params: PyTree, batch: dict) -> tuple[jax.Array, dict
     """Next-token cross-entropy on ``loss_mask`` tokens (pre-training: all real tokens; SFT: the
     response and its end-of-turn token only, METHODS section 0). Token-weighted over the batch."""
     model = nnx.merge(graphdef, params)
-    h_btd, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"])
     # losses.sft_loss of the full logits, with the LM head run over time chunks (scoring module).
-    sum_logp, n_tokens = scoring.chunked_response_logprobs(model.logits, h_btd, batch["input_ids"], batch["loss_mask"])
+    sum_logp, n_tokens = scoring.model_response_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                                         batch["loss_mask"])
     n_tokens = n_tokens.astype(jnp.float32)
     per_example = -sum_logp / jnp.maximum(n_tokens, 1.0)  # (B,)
     tokens = n_tokens * batch["weight"]
@@ -141,8 +141,7 @@ def _policy_pair_logps(graphdef: Any, params: PyTree, batch: dict) -> tuple[jax.
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)  # (2B, T)
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
     resp = jnp.concatenate([batch["chosen_resp"], batch["rejected_resp"]], axis=0)
-    h_btd, _ = model.hidden_states(ids, mask)  # (2B, T, D)
-    sum_logp, n_tokens = scoring.chunked_response_logprobs(model.logits, h_btd, ids, resp)  # (2B,), (2B,)
+    sum_logp, n_tokens = scoring.model_response_logprobs(model, ids, mask, resp)  # (2B,), (2B,)
     b = batch["chosen_ids"].shape[0]
     return sum_logp[:b], sum_logp[b:], n_tokens[:b], n_tokens[b:]
 

@@ -45,9 +45,7 @@ def make_score_program(graphdef: Any, params: PyTree, mesh: Mesh, *, split_rows:
     `cream_jax.scoring.chunked_response_logprobs` of one forward (no [B,T,V] logits), rows sharded."""
 
     def score(state, input_ids, attention_mask, response_mask):
-        model = nnx.merge(graphdef, state)
-        h_btd, _ = model.hidden_states(input_ids, attention_mask)
-        return scoring.chunked_response_logprobs(model.logits, h_btd, input_ids, response_mask)
+        return scoring.model_response_logprobs(nnx.merge(graphdef, state), input_ids, attention_mask, response_mask)
 
     rows, out = _batch(mesh, 2, split_rows), _batch(mesh, 1, split_rows)
     return _traced_on(mesh, split_rows, jax.jit(score, in_shardings=(shardings_of(params), rows, rows, rows),

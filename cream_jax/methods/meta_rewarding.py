@@ -372,7 +372,7 @@ def make_meta_rewarding_loss(beta: float, max_judge_share: float):
         ids = jnp.concatenate([batch[f"{prefix}chosen_ids"], batch[f"{prefix}rejected_ids"]], axis=0)  # (2B, T)
         mask = jnp.concatenate([batch[f"{prefix}chosen_mask"], batch[f"{prefix}rejected_mask"]], axis=0)
         resp = jnp.concatenate([batch[f"{prefix}chosen_resp"], batch[f"{prefix}rejected_resp"]], axis=0)
-        sum_logp, _ = scoring.chunked_response_logprobs(model.logits, model.hidden_states(ids, mask)[0], ids, resp)  # (2B,)
+        sum_logp, _ = scoring.model_response_logprobs(model, ids, mask, resp)  # (2B,)
         b = batch[f"{prefix}chosen_ids"].shape[0]
         return sum_logp[:b], sum_logp[b:]
 
