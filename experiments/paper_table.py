@@ -2,9 +2,13 @@
 
     python experiments/paper_table.py                # 7 configurations x 3 seeds x 3 iterations
     python experiments/paper_table.py --quick        # a 2-minute smoke version of the same pipeline
+    # issue 13's stage A: the oracle positive control on SmolLM2-135M-Instruct, one M1 for all seeds
+    python experiments/paper_table.py --base_gin configs/models/smollm2_135m_instruct.gin \
+        --methods "Oracle DPO" --iterations 2 --share_m1 --jobs 1 --root runs/smollm2_stage_a \
+        --out experiments/results/smollm2_stage_a
 
 Each run is the real trainer (``python -m cream_jax.train``) with the embedded default
-(``configs/tiny_cpu.gin``) plus the method's config file and ``Run.iterations = 3``; nothing else
+(``configs/tiny_cpu.gin``, or ``--base_gin``) plus the method's config file and ``Run.iterations = 3``; nothing else
 is changed per method (the hyper-parameters are fixed in METHOD_CONFIGS below, before any test
 accuracy was looked at). The seed (``Run.seed``) changes the model's initialisation, the data order
 and every sampling key; the data (suite, test sets) stay the same across seeds.
@@ -13,6 +17,10 @@ M0 (pre-training) and M1 (SFT) do not depend on the method except that SRLM's M1
 (SFT on IFT + EFT, METHODS 3.1). So per seed the CREAM (dyn) run trains M0 and M1, and the other runs
 start from copies of its ``models/m0`` (and ``models/m1``, not for SRLM): the trainer finds them in
 its model store and skips those stages, exactly as it does when it resumes. "SFT" in the table is M1.
+With ``--methods`` the first listed method (CREAM (dyn) if listed) is the base. With ``--share_m1``
+every seed starts from the first seed's M0 and M1 (a budget cut for models whose SFT is expensive:
+the intervals then cover the self-rewarding loop's randomness, not SFT's); M0 is evaluated once.
+"lift" columns are paired per seed: the method's mean accuracy minus its seed's M1's.
 
 Runs go to ``--root`` (one workdir each; an interrupted invocation resumes: finished runs are skipped,
 unfinished ones resume from their checkpoints). ``--jobs`` runs go in parallel (the tiny model
@@ -54,7 +62,7 @@ METHOD_CONFIGS: dict[str, tuple[list[str], list[str]]] = {
     "SCIR": (["configs/scir.gin"], []),
     "Oracle DPO": (["configs/dpo_oracle.gin"], []),
 }
-ROW_ORDER = ["SFT", "SRLM", "SRLM (compact judge)", BASE, "CREAM (avg)", "SeRA", "SCIR", "Oracle DPO"]
+ROW_ORDER = ["M0", "SFT", "SRLM", "SRLM (compact judge)", BASE, "CREAM (avg)", "SeRA", "SCIR", "Oracle DPO"]
 def trains_own_m1(method: str) -> bool:
     """SRLM's M1 is SFT on IFT + EFT (METHODS 3.1), so it does not start from the base run's M1."""
     return "configs/srlm.gin" in METHOD_CONFIGS[method][0]
@@ -71,6 +79,8 @@ class Job:
     cmd: list[str]
     copy_from: Path | None = None  # the base run whose M0 (and M1) this run starts from
     copy_models: tuple[str, ...] = ()
+    is_base: bool = False  # trains (or, with --share_m1, copies) its seed's M0 and M1
+    waits_for: int | None = None  # the seed whose base run must finish first
 
     @property
     def name(self) -> str:
@@ -81,23 +91,38 @@ def slug(method: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in method.lower()).strip("_").replace("__", "_")
 
 
-def make_jobs(seeds: list[int], iterations: int, root: Path, extra: list[str]) -> list[Job]:
+def make_jobs(seeds: list[int], iterations: int, root: Path, extra: list[str], base_gin: str = "configs/tiny_cpu.gin",
+              methods: list[str] | None = None, share_m1: bool = False) -> list[Job]:
+    methods = list(METHOD_CONFIGS) if methods is None else methods
+    unknown = [m for m in methods if m not in METHOD_CONFIGS]
+    if unknown or not methods:
+        raise ValueError(f"--methods: unknown {unknown or 'empty list'}; known: {', '.join(METHOD_CONFIGS)}")
+    base = BASE if BASE in methods else methods[0]
+    if trains_own_m1(base):
+        raise ValueError(f"--methods: the base run ({base}) must use the shared M1; list another method first")
     jobs = []
     for seed in seeds:
-        base_dir = root / f"seed{seed}" / slug(BASE)
-        for method, (files, bindings) in METHOD_CONFIGS.items():
+        base_dir = root / f"seed{seed}" / slug(base)
+        for method in methods:
+            files, bindings = METHOD_CONFIGS[method]
             workdir = root / f"seed{seed}" / slug(method)
             cmd = [sys.executable, "-m", "cream_jax.train", "--workdir", str(workdir),
-                   "--gin_file", str(REPO / "configs" / "tiny_cpu.gin")]
+                   "--gin_file", str(REPO / base_gin)]
             for f in files:
                 cmd += ["--gin_file", str(REPO / f)]
-            for b in [f"Run.seed = {seed}", f"Run.iterations = {iterations}", *bindings, *extra]:
+            shared = share_m1 and seed != seeds[0]
+            for b in [f"Run.seed = {seed}", f"Run.iterations = {iterations}", *bindings, *extra,
+                      *(["Eval.m0 = False"] if shared or method != base else [])]:
                 cmd += ["--gin_param", b]
-            if method == BASE:
-                jobs.append(Job(method, seed, workdir, cmd))
+            if method == base:
+                if shared:
+                    jobs.append(Job(method, seed, workdir, cmd, copy_from=root / f"seed{seeds[0]}" / slug(base),
+                                    copy_models=("m0", "m1"), is_base=True, waits_for=seeds[0]))
+                else:
+                    jobs.append(Job(method, seed, workdir, cmd, is_base=True))
             else:
                 models = ("m0",) if trains_own_m1(method) else ("m0", "m1")
-                jobs.append(Job(method, seed, workdir, cmd, copy_from=base_dir, copy_models=models))
+                jobs.append(Job(method, seed, workdir, cmd, copy_from=base_dir, copy_models=models, waits_for=seed))
     return jobs
 
 
@@ -121,20 +146,20 @@ def run_job(job: Job) -> tuple[Job, int, float]:
 def run_all(jobs: list[Job], iterations: int, parallel: int) -> list[str]:
     """Runs the jobs, a method's run only after its seed's base run; returns failures."""
     todo = [j for j in jobs if not finished(j.workdir, iterations)]
-    done_bases = {j.seed for j in jobs if j.method == BASE and j not in todo}
+    done_bases = {j.seed for j in jobs if j.is_base and j not in todo}
     failures: list[str] = []
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished; {len(todo)} to run, {parallel} at a time", flush=True)
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(parallel) as pool:
         running: set[cf.Future] = set()
         while todo or running:
-            ready = [j for j in todo if j.method == BASE or j.seed in done_bases]
-            ready.sort(key=lambda j: (j.method != BASE, j.seed))  # bases first: they unlock the rest
+            ready = [j for j in todo if j.waits_for is None or j.waits_for in done_bases]
+            ready.sort(key=lambda j: (not j.is_base, j.seed))  # bases first: they unlock the rest
             for job in ready[: parallel - len(running)]:
                 todo.remove(job)
                 print(f"[{time.perf_counter() - t0:7.0f}s] start  {job.name}  (log: {job.workdir / 'train.log'})", flush=True)
                 running.add(pool.submit(run_job, job))
-            if not running:  # a base run failed: its seed's other runs cannot start
+            if not running:  # a base run failed: the runs waiting for it cannot start
                 failures += [f"{j.name}: base run failed" for j in todo]
                 break
             finished_now, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
@@ -144,10 +169,11 @@ def run_all(jobs: list[Job], iterations: int, parallel: int) -> list[str]:
                 print(f"[{time.perf_counter() - t0:7.0f}s] {status:6s} {job.name} in {seconds:.0f}s", flush=True)
                 if rc:
                     failures.append(f"{job.name}: exit {rc}, see {job.workdir / 'train.log'}")
-                    if job.method == BASE:
-                        todo = [j for j in todo if j.seed != job.seed]
-                        failures += [f"{BASE} seed {job.seed} failed: its seed's other runs were skipped"]
-                elif job.method == BASE:
+                    if job.is_base:
+                        skipped = [j for j in todo if j.waits_for == job.seed]
+                        todo = [j for j in todo if j not in skipped]
+                        failures += [f"{job.name} failed: {len(skipped)} runs waiting for it were skipped"]
+                elif job.is_base:
                     done_bases.add(job.seed)
     return failures
 
@@ -173,7 +199,7 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
 
 
 def collect(jobs: list[Job]) -> dict:
-    """method -> iteration -> per-seed rows (SFT = the base runs' iteration 0)."""
+    """method -> iteration -> per-seed rows (M0 = the base runs' iteration -1, SFT = their iteration 0)."""
     table: dict[str, dict[int, list[dict]]] = {}
     for job in jobs:
         path = job.workdir / "results.json"
@@ -181,32 +207,41 @@ def collect(jobs: list[Job]) -> dict:
             continue
         for row in json.loads(path.read_text())["iterations"]:
             t = row["iteration"]
-            if t == 0 and job.method != BASE and not trains_own_m1(job.method):
-                continue  # the same M1 as the base run's
-            method = "SFT" if (t == 0 and job.method == BASE) else job.method
+            if t <= 0 and not job.is_base and not (t == 0 and trains_own_m1(job.method)):
+                continue  # the same M0 / M1 as the base run's
+            method = {-1: "M0", 0: "SFT"}.get(t, job.method) if job.is_base else job.method
             table.setdefault(method, {}).setdefault(t, []).append({"seed": job.seed, **row})
     return table
 
 
+def _mean_accuracy(row: dict) -> float:
+    return float(np.mean([row["accuracy"][k] for k in sorted(row["accuracy"])]))
+
+
 def summarize(table: dict) -> list[dict]:
     out = []
+    sft_by_seed = {r["seed"]: _mean_accuracy(r) for r in table.get("SFT", {}).get(0, [])}
     for method in ROW_ORDER:
         for t, rows in sorted(table.get(method, {}).items()):
             tasks = sorted(rows[0]["accuracy"])
             acc = {task: mean_ci([r["accuracy"][task] for r in rows]) for task in tasks}
-            acc["mean"] = mean_ci([float(np.mean([r["accuracy"][k] for k in tasks])) for r in rows])
+            acc["mean"] = mean_ci([_mean_accuracy(r) for r in rows])
+            # Paired per seed against that seed's M1 (the decision statistic of the real-model protocol).
+            paired = [_mean_accuracy(r) - sft_by_seed[r["seed"]] for r in rows if r["seed"] in sft_by_seed]
+            lift = mean_ci(paired) if t > 0 and paired else None
             cons = [r["consistency"] for r in rows if r.get("consistency") and r["consistency"].get("mean") is not None]
             out.append({
                 "method": method + (" (M1: IFT+EFT)" if t == 0 and method != "SFT" else ""),
                 "iteration": t, "model": rows[0]["model"], "seeds": [r["seed"] for r in rows],
                 "accuracy": acc,
-                "reward_accuracy": mean_ci([r.get("reward_accuracy") for r in rows]) if t else None,
+                "lift_vs_sft": lift,
+                "reward_accuracy": mean_ci([r.get("reward_accuracy") for r in rows]) if t > 0 else None,
                 # pairs the oracle orders strictly (the reward accuracy's denominator), absent in older runs
                 "reward_accuracy_pairs": (float(np.mean([r["reward_accuracy_pairs"] for r in rows]))
-                                          if t and all("reward_accuracy_pairs" in r for r in rows) else None),
+                                          if t > 0 and all("reward_accuracy_pairs" in r for r in rows) else None),
                 "consistency_mean": mean_ci([c["mean"] for c in cons]) if cons else None,
                 "consistency_std": float(np.mean([c["std"] for c in cons])) if cons else None,
-                "pairs_kept": mean_ci([r.get("pairs_kept") for r in rows]) if t else None,
+                "pairs_kept": mean_ci([r.get("pairs_kept") for r in rows]) if t > 0 else None,
                 "seconds": float(np.mean([r["seconds"].get("total", sum(r["seconds"].values())) for r in rows])),
                 "per_seed": rows,
             })
@@ -223,11 +258,11 @@ def _pm(mc: tuple[float, float | None] | None, scale: float = 100.0, digits: int
 def markdown(summary: list[dict]) -> str:
     tasks = [k for k in summary[0]["accuracy"] if k != "mean"] if summary else []
     head = (["method", "model"] + [f"{t} acc %" for t in tasks]
-            + ["mean acc %", "reward acc %", "consistency (mean ± std)", "pairs kept", "seeds"])
+            + ["mean acc %", "lift vs SFT (pts)", "reward acc %", "consistency (mean ± std)", "pairs kept", "seeds"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cons = "-" if s["consistency_mean"] is None else f"{s['consistency_mean'][0]:.3f} ± {s['consistency_std']:.3f}"
-        cells = ([s["method"], s["model"]] + [_pm(s["accuracy"][t]) for t in tasks] + [_pm(s["accuracy"]["mean"])]
+        cells = ([s["method"], s["model"]] + [_pm(s["accuracy"][t]) for t in tasks] + [_pm(s["accuracy"]["mean"]), _pm(s.get("lift_vs_sft"))]
                  + [_pm(s["reward_accuracy"]) + ("" if s.get("reward_accuracy_pairs") is None else f" (n {s['reward_accuracy_pairs']:.0f})"), cons, _pm(s["pairs_kept"], scale=1.0, digits=0), str(len(s["seeds"]))])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -242,7 +277,7 @@ def plot(summary: list[dict], path: Path) -> None:
     tasks = [k for k in summary[0]["accuracy"] if k != "mean"]
     sft = [s for s in summary if s["method"] == "SFT"]
     fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(5 * (len(tasks) + 1), 4))
-    methods = [m for m in ROW_ORDER if m != "SFT"]
+    methods = [m for m in ROW_ORDER if m not in ("M0", "SFT") and any(s["method"] == m for s in summary)]
     for ax, task in zip(axes, tasks, strict=False):
         for i, method in enumerate(methods):
             own_m1 = [s for s in summary if s["method"] == f"{method} (M1: IFT+EFT)"]  # SRLM's M1 is its own
@@ -278,12 +313,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     parser.add_argument("--quick", action="store_true", help="tiny smoke version: " + "; ".join(QUICK_BINDINGS))
     parser.add_argument("--gin_param", action="append", default=[], help="extra binding for every run")
+    parser.add_argument("--base_gin", default="configs/tiny_cpu.gin", help="the model/data preset every run starts from")
+    parser.add_argument("--methods", default=",".join(METHOD_CONFIGS),
+                        help="comma-separated rows of METHOD_CONFIGS to run (default: all)")
+    parser.add_argument("--share_m1", action="store_true", help="every seed starts from the first seed's M0 and M1")
     parser.add_argument("--aggregate_only", action="store_true", help="only rebuild the outputs from finished runs")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     extra = (QUICK_BINDINGS if args.quick else []) + args.gin_param
     root, out = Path(args.root), Path(args.out)
-    jobs = make_jobs(seeds, args.iterations, root, extra)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        jobs = make_jobs(seeds, args.iterations, root, extra, args.base_gin, methods, args.share_m1)
+    except ValueError as e:
+        parser.error(str(e))
     tic = time.perf_counter()
     failures = [] if args.aggregate_only else run_all(jobs, args.iterations, args.jobs)
     wall = time.perf_counter() - tic
@@ -296,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         previous = out / "summary.json"
         wall = json.loads(previous.read_text())["meta"].get("wall_seconds") if previous.exists() else None
     meta = {"seeds": seeds, "iterations": args.iterations, "extra_bindings": extra, "wall_seconds": wall,
-            "methods": {m: {"gin_files": ["configs/tiny_cpu.gin", *f], "bindings": b} for m, (f, b) in METHOD_CONFIGS.items()}}
+            "share_m1": args.share_m1,
+            "methods": {m: {"gin_files": [args.base_gin, *METHOD_CONFIGS[m][0]], "bindings": METHOD_CONFIGS[m][1]}
+                        for m in methods}}
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": summary}, indent=1, default=float))
     (out / "table.md").write_text(markdown(summary))
     plot(summary, out / "accuracy.png")

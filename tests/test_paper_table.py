@@ -87,3 +87,35 @@ def test_scheduler_runs_bases_first_isolates_failures_and_resumes(tmp_path):
     assert "| SeRA | M2 | 25.0 ± " in table
     paper_table.plot(summary, tmp_path / "acc.png")
     assert (tmp_path / "acc.png").stat().st_size > 0
+
+
+def test_one_method_with_a_shared_m1_on_another_preset(tmp_path):
+    """Issue 13's stage A: only Oracle DPO, on the real-model preset, every seed from seed 0's M1."""
+    preset = "configs/models/smollm2_135m_instruct.gin"
+    jobs = paper_table.make_jobs([0, 1, 2], 2, tmp_path, [], base_gin=preset, methods=["Oracle DPO"], share_m1=True)
+    assert [(j.method, j.seed, j.is_base) for j in jobs] == [("Oracle DPO", s, True) for s in (0, 1, 2)]
+    first, *rest = jobs
+    assert first.copy_from is None and first.waits_for is None and "Eval.m0 = False" not in first.cmd
+    for job in rest:  # M0 is evaluated once; M0/M1 come from seed 0's run
+        assert job.copy_from == first.workdir and job.copy_models == ("m0", "m1") and job.waits_for == 0
+        assert "Eval.m0 = False" in job.cmd
+    assert all(job.cmd[job.cmd.index("--gin_file") + 1] == str(REPO / preset) for job in jobs)
+    with pytest.raises(ValueError, match="unknown"):
+        paper_table.make_jobs([0], 1, tmp_path, [], methods=["Nope"])
+
+    lifts = {0: 0.10, 1: 0.02, 2: 0.06}
+    for job in jobs:
+        m0 = [{**_row(-1, 0.1, 0.1), "model": "M0"}] if job.seed == 0 else []
+        job.cmd = _fake_cmd(job.workdir, m0 + [_row(0, 0.2, 0.4), _row(1, 0.2, 0.4), _row(2, 0.2 + 2 * lifts[job.seed], 0.4)])
+    assert paper_table.run_all(jobs, 2, parallel=2) == []
+    assert all((j.workdir / "models" / "m1").is_dir() for j in jobs)
+    summary = paper_table.summarize(paper_table.collect(jobs))
+    by = {(s["method"], s["iteration"]): s for s in summary}
+    assert by["M0", -1]["seeds"] == [0] and by["SFT", 0]["seeds"] == [0, 1, 2]
+    assert by["Oracle DPO", 1]["lift_vs_sft"][0] == pytest.approx(0.0)
+    mean, half = by["Oracle DPO", 2]["lift_vs_sft"]  # (acc_arith + acc_choice) / 2 rises by lift per seed
+    x = list(lifts.values())
+    assert mean == pytest.approx(np.mean(x))
+    assert half == pytest.approx(stats.t.ppf(0.975, 2) * stats.sem(x))
+    assert "| Oracle DPO | M3 |" in paper_table.markdown(summary)
+    paper_table.plot(summary, tmp_path / "acc.png")
