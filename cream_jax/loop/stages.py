@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from cream_jax import checkpoint, config as config_lib, evaluate, methods, metrics, sharding, steps, validate
 from cream_jax.config import RunConfig
@@ -211,6 +212,12 @@ def _maybe_kill_for_test(ckpt: checkpoint.RunCheckpointer, progress: dict) -> No
     target = os.environ.get("CREAM_JAX_KILL_AT")
     if target and target == f"{progress['stage']}:{progress.get('iteration', 0)}:{progress['phase']}:{progress['step']}":
         ckpt.wait()
+        if jax.process_count() > 1:
+            # The primary process commits a multi-process checkpoint; nobody dies before it has.
+            multihost_utils.sync_global_devices("cream_jax_kill_for_test")
+        log.warning("CREAM_JAX_KILL_AT=%s: checkpoint %s committed; SIGKILL", target, ckpt.latest_step())
+        for handler in logging.getLogger().handlers + log.handlers:
+            handler.flush()
         os.kill(os.getpid(), 9)
 
 
