@@ -208,12 +208,29 @@ def consistency_dpo_torch(chosen, rejected, ref_chosen, ref_rejected, c):
     return float(-(c * F.logsigmoid(delta) + (1 - c) * F.logsigmoid(-delta)).mean())
 
 
+def pretokenized_dpo_trainer(losses: list):
+    """TRL's ``DPOTrainer`` on pre-tokenized pairs ({"prompt_ids", "chosen_ids", "rejected_ids"}): only its
+    text tokenization is skipped; every loss it computes is appended to ``losses`` (detached, no sync)."""
+    from trl import DPOTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, *unused_args, **unused_kwargs):
+            return dataset
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            losses.append(loss.detach())
+            return loss
+
+    return PreTokenizedDPOTrainer
+
+
 def train_trl(policy_dir: str, ref_dir: str, data: dict, args, workdir: str, tokenizer) -> dict:
     """Runs TRL's DPOTrainer for ``args.steps`` steps; its losses, per-step seconds and reference log-probs."""
     import torch
     import transformers
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,17 +253,7 @@ def train_trl(policy_dir: str, ref_dir: str, data: dict, args, workdir: str, tok
         cw_loss = consistency_dpo_torch(chosen, rejected, ref_c[sl], ref_r[sl], data["consistency"][sl])
 
     losses, stamps = [], []
-
-    class PreTokenizedDPOTrainer(DPOTrainer):
-        """TRL's trainer on pre-tokenized pairs; records the loss it computes (detached, no sync)."""
-
-        def _prepare_dataset(self, dataset, *unused_args, **unused_kwargs):
-            return dataset  # already {"prompt_ids", "chosen_ids", "rejected_ids"}
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            losses.append(loss.detach())
-            return loss
+    PreTokenizedDPOTrainer = pretokenized_dpo_trainer(losses)
 
     class Clock(transformers.TrainerCallback):
         def on_step_end(self, *unused_args, **unused_kwargs):

@@ -67,13 +67,13 @@ os.environ.setdefault("CREAM_JAX_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.iteration import phases, run  # noqa: E402
-from bench.sampling import fastest_torch_threads, n_params  # noqa: E402
+from bench.dpo_step import pretokenized_dpo_trainer  # noqa: E402
+from bench.sampling import fastest_torch_threads, matmul_peak, n_params  # noqa: E402
 from cream_jax import checkpoint, config as config_lib, sharding  # noqa: E402
 from cream_jax.data import pipeline  # noqa: E402
 from cream_jax.loop import stages  # noqa: E402
@@ -95,19 +95,6 @@ def bindings(p: int, n: int, length: int, sft_chats: int) -> list[str]:
         "Natural.num_test = 4", "Eval.m0 = False", "Eval.num_per_task = 1", "Eval.max_new_tokens = 8", "Eval.batch_size = 2",
         f"Eval.num_logged_samples = {p}",
     ]
-
-
-def jax_peak(tries: int = 3) -> float:
-    """Float32 GFLOP/s of a jitted 2048^2 ``jnp.dot`` (best of ``tries``)."""
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(PEAK_N, PEAK_N)), jnp.float32)
-    f = jax.jit(jnp.dot)
-    f(a, a).block_until_ready()
-    best = 1e9
-    for _ in range(tries):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * PEAK_N**3 / best / 1e9
 
 
 def torch_peak(tries: int = 3) -> float:
@@ -166,9 +153,9 @@ def run_ours(cfg, workdir: str, models_from: str | None = None) -> dict:
     if models_from is not None:
         for m in ("m0", "m1"):
             shutil.copytree(os.path.join(models_from, "models", m), os.path.join(workdir, "models", m))
-    peak_before = jax_peak()
+    peak_before = matmul_peak(PEAK_N)
     rows, wall = run(cfg, workdir)
-    peak_after = jax_peak()
+    peak_after = matmul_peak(PEAK_N)
     row = next(r for r in rows if r["iteration"] == 1)
     with open(os.path.join(workdir, "samples", "iter_1.jsonl")) as f:
         samples = [json.loads(line) for line in f]
@@ -182,7 +169,7 @@ def run_peer(cfg, dirs: dict, ours: dict, pool: list[dict], pm: int, workdir: st
     import torch
     import transformers
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     s = cfg.sampling
     tok = transformers.AutoTokenizer.from_pretrained(dirs["m1"])
@@ -278,18 +265,15 @@ def run_peer(cfg, dirs: dict, ours: dict, pool: list[dict], pm: int, workdir: st
     sec["pairs"] = time.perf_counter() - tic
     train_tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trl_rows)
 
+    reward_diff = np.abs(r_now - np.array([smp["rewards"] for smp in ours["samples"]]))
     checks = dict(
         same_prompts=same_prompts, threads=threads,
-        reward_diff=float(np.max(np.abs(r_now - np.array([smp["rewards"] for smp in ours["samples"]])))),
-        reward_diff_median=float(np.median(np.abs(r_now - np.array([smp["rewards"] for smp in ours["samples"]])))),
-        reward_off=int((np.abs(r_now - np.array([smp["rewards"] for smp in ours["samples"]])) > 1e-3).sum()),
+        reward_diff=float(reward_diff.max()), reward_diff_median=float(np.median(reward_diff)),
+        reward_off=int((reward_diff > 1e-3).sum()),
         pairs_same=sum(int(chosen[j]) == ours["samples"][j]["chosen"] and int(rejected[j]) == ours["samples"][j]["rejected"]
                        for j in kept),
         pairs=len(kept), c_mean=float(c.mean()), label_smoothing=smoothing,
-        resp_tokens=int(n_tok.sum()), gen_tokens=gen_tokens, gen_tokens_ours=int(sum(
-            min(len(tok(y, add_special_tokens=False)["input_ids"]), s.max_new_tokens) +
-            (len(tok(y, add_special_tokens=False)["input_ids"]) < s.max_new_tokens)
-            for smp in ours["samples"] for y in smp["responses"])),
+        resp_tokens=int(n_tok.sum()), gen_tokens=gen_tokens, gen_tokens_ours=int(n_tok.sum()),
         row_tokens=row_tokens, train_tokens=train_tokens,
     )
     del m0
@@ -302,17 +286,7 @@ def run_peer(cfg, dirs: dict, ours: dict, pool: list[dict], pm: int, workdir: st
     policy = transformers.LlamaForCausalLM.from_pretrained(dirs["m1"], dtype=torch.float32)
     del m1
     losses = []
-
-    class PreTokenizedDPOTrainer(DPOTrainer):
-        """TRL's trainer on pre-tokenized pairs (bench/dpo_step.py): only its text tokenization is skipped."""
-
-        def _prepare_dataset(self, dataset, *unused_args, **unused_kwargs):
-            return dataset
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            losses.append(loss.detach())
-            return loss
+    PreTokenizedDPOTrainer = pretokenized_dpo_trainer(losses)
 
     total_steps = -(-len(trl_rows) // optim.batch_size) * cfg.dpo.epochs
     config = DPOConfig(
