@@ -739,19 +739,25 @@ def check_run_matches(directory: str | os.PathLike, config_hash: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]).all()
+
+
 def is_finite_tree(tree: PyTree) -> bool:
     """True if every floating-point leaf of ``tree`` is free of NaN and inf.
 
     Integer, boolean and PRNG-key leaves are ignored. jax leaves are reduced where they live
-    (sharded arrays included) and only one boolean per leaf crosses to the host, in one transfer.
+    (sharded arrays included) in one jitted program, so one boolean crosses to the host (one
+    program, not one per leaf: see `cream_jax.guards.param_norm` for the multi-process reason).
     """
-    device_flags = []
+    device_leaves = []
     for leaf in jax.tree.leaves(tree):
         dtype = np.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
         if not jax.dtypes.issubdtype(dtype, np.inexact):
             continue
         if isinstance(leaf, jax.Array):
-            device_flags.append(jax.numpy.isfinite(leaf).all())
+            device_leaves.append(leaf)
         elif not np.isfinite(np.asarray(leaf)).all():
             return False
-    return all(bool(flag) for flag in jax.device_get(device_flags))
+    return not device_leaves or bool(_all_finite(device_leaves))

@@ -173,7 +173,9 @@ def initialize(
         # CPU backends only (GPU and TPU ignore the flag), set before the backend starts: with
         # asynchronous dispatch of single-device programs, the two processes of a CPU run deadlocked
         # in about 4 of 10 CLI runs (one in a gloo all-reduce of a train step, the other in the
-        # checkpoint barrier that follows); with it off, none in 8.
+        # checkpoint barrier that follows); with it off, none in 8. That was not the whole cause: CI
+        # still hung there (2 of 2 runs) until the guard's per-leaf eager reductions became one
+        # jitted program (`guards.param_norm`); 0 hangs in 8 reruns since, 1 in 2 before.
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     if spec.mode == "tpu":
         jax.distributed.initialize()

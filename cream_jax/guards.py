@@ -27,13 +27,24 @@ from cream_jax.errors import Divergence
 _FLOOR = 1.0  # absolute floor of the loss / gradient-norm limits
 
 
+@jax.jit
+def _sum_of_squares(leaves: list) -> jax.Array:
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+
+
 def param_norm(params: Any) -> float:
-    """Global L2 norm of the floating-point leaves (one device reduction, one host transfer)."""
-    leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    """Global L2 norm of the floating-point leaves: one program and one host transfer.
+
+    One jitted program, not one eager reduction per leaf: across processes every eager reduction
+    of a sharded leaf is a collective program of its own, and a two-process CPU run deadlocked in
+    that stream of small programs (one process in a leaf's reduction, the other already in the
+    checkpoint barrier that follows); on a pod it would also be one dispatch per leaf.
+    """
+    leaves = [jnp.asarray(x) if not isinstance(x, jax.Array) else x for x in jax.tree.leaves(params)]
+    leaves = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
     if not leaves:
         return 0.0
-    total = sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves)
-    return float(jnp.sqrt(total))
+    return float(np.sqrt(float(_sum_of_squares(leaves))))
 
 
 class DivergenceGuard:
