@@ -175,7 +175,7 @@ def initialize(
         # in about 4 of 10 CLI runs (one in a gloo all-reduce of a train step, the other in the
         # checkpoint barrier that follows); with it off, none in 8. That was not the whole cause: CI
         # still hung there (2 of 2 runs) until the guard's per-leaf eager reductions became one
-        # jitted program (`guards.param_norm`); 0 hangs in 8 reruns since, 1 in 2 before.
+        # jitted program (`guards.param_norm`): 2 of 6 reruns of that CLI run hung before, 0 of 8 since.
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     if spec.mode == "tpu":
         jax.distributed.initialize()
