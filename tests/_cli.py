@@ -11,7 +11,9 @@ SMOKE = str(ROOT / "tests" / "configs" / "smoke.gin")
 
 
 def cli(workdir, *extra, env_extra=None, check=True, gin_file=SMOKE):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI runs on 1 CPU device
+    # One CPU device and XLA's default flags: tests/_fast_xla.py's flags move the method pins (two
+    # methods' iteration-1 train metrics, by near-ties), which the CLI runs here are compared with.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update({"CREAM_JAX_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}, **(env_extra or {}))
     cmd = [sys.executable, "-m", "cream_jax.train", "--gin_file", gin_file, "--workdir", str(workdir), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -1,8 +1,10 @@
 """Test set-up: 8 fake CPU devices so sharded code is exercised on one machine (STYLE.md)."""
 import os
 
+from tests._fast_xla import FAST_XLA  # noqa: E402
+
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 " + FAST_XLA
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -17,10 +17,9 @@ from cream_jax import distributed, sharding
 from cream_jax.checkpoint import ModelStore, RunCheckpointer
 from tests import _multihost_worker as worker
 from tests._cli import SMOKE
+from tests._fast_xla import FAST_XLA
 
 REPO = Path(__file__).resolve().parent.parent
-# Cheaper XLA:CPU compiles for the worker processes (all of them, so their numerics agree).
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _free_port() -> int:

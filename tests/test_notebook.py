@@ -2,7 +2,7 @@
 branch loads a local checkpoint folder, and the .ipynb is the jupytext rendering of the .py.
 
 The notebook runs in a fresh ipykernel (nbclient) with a clean environment: one CPU device (no
-XLA_FLAGS from conftest), HF_HUB_OFFLINE=1.
+device-count flag from conftest), HF_HUB_OFFLINE=1.
 """
 
 import math
@@ -18,6 +18,7 @@ from nbclient import NotebookClient
 
 from cream_jax.models.hf import save_hf_llama
 from cream_jax.models.llama import LlamaConfig
+from tests._fast_xla import FAST_XLA
 from tests._tiny_models import TINY_LLAMA, random_llama, save_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,10 +27,10 @@ NB_IPYNB = ROOT / "notebooks" / "quickstart.ipynb"
 
 
 def kernel_env(tmp: Path) -> dict:
-    # One device (no XLA_FLAGS), the kernel's own inline plots (no MPLBACKEND), and the notebook's
+    # One device (no device-count flag; the fast-compile ones), the kernel's own inline plots (no MPLBACKEND), and the notebook's
     # temporary run directory inside the test's tmp_path (TMPDIR).
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MPLBACKEND")}
-    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", CREAM_JAX_NO_PROGRESS="1", TMPDIR=str(tmp),
+    env.update(XLA_FLAGS=FAST_XLA, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", CREAM_JAX_NO_PROGRESS="1", TMPDIR=str(tmp),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
     return env
 
