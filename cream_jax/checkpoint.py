@@ -48,7 +48,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
-from cream_jax.errors import CheckpointError
+from cream_jax.errors import CheckpointError, deferred_interrupts
 
 PyTree = Any
 
@@ -379,7 +379,8 @@ class RunCheckpointer:
         if jax.process_index() == 0:
             _probe_writable(self.directory, f"checkpoint {step}")
         try:
-            return bool(self._mgr.save(step, args=ocp.args.Composite(**items), force=True))
+            with deferred_interrupts():  # a save cut in half leaves orbax threads that block the exit
+                return bool(self._mgr.save(step, args=ocp.args.Composite(**items), force=True))
         except OSError as e:
             _unblock_failed_background_writes()
             raise CheckpointError(f"checkpoint {step} in {self.directory}: {_first_line(e)}") from e
@@ -558,7 +559,8 @@ class ModelStore:
         if jax.process_index() == 0:
             _probe_writable(self.directory, f"model snapshot {name!r}")
         try:
-            self._ckptr.save(path, args=ocp.args.StandardSave(params), force=True)
+            with deferred_interrupts():  # as in RunCheckpointer.save
+                self._ckptr.save(path, args=ocp.args.StandardSave(params), force=True)
         except OSError as e:
             _unblock_failed_background_writes()
             raise CheckpointError(f"model snapshot {name!r} in {self.directory}: {_first_line(e)}") from e

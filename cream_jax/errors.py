@@ -26,7 +26,8 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 TRACEBACK_ENV = "CREAM_JAX_TRACEBACK"
 INTERNAL_EXIT = 1
@@ -113,6 +114,31 @@ def classify(exc: BaseException) -> tuple[int, str]:
 
 def _raise_interrupted(signum, frame) -> None:
     raise Interrupted(f"{signal.Signals(signum).name}; the last committed checkpoint is kept, rerun the same command to resume")
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Holds SIGINT and SIGTERM for the duration of the block, then delivers them.
+
+    For the few calls that must not be cut in half: a Ctrl-C landing inside orbax's ``save``
+    (between starting a save's background threads and handing them their signals) left those
+    non-daemon threads waiting out a 20-minute timeout, so the interpreter could not exit. The
+    signal arrives the moment the block ends, to whatever handler was in place before it. Off the
+    main thread (where Python delivers no signals) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            signal.raise_signal(received[0])  # the restored handler runs now (KeyboardInterrupt, Interrupted)
 
 
 def _release_pending_writes() -> None:

@@ -685,7 +685,7 @@ def test_damaged_model_snapshot_is_moved_aside_and_named(cli, workdir):
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, XLA's default flags
-    env.update({"CREAM_JAX_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)})
+    env.update({"CREAM_JAX_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"})
     return env
 
 
@@ -703,7 +703,12 @@ def test_ctrl_c_during_training_is_one_line_and_keeps_the_checkpoint(tmp_path):
             time.sleep(0.5)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's Python stack to stderr
+            _, err = proc.communicate(timeout=60)
+            pytest.fail(f"still running 120 s after SIGINT; its threads:\n{err[-6000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -712,6 +717,46 @@ def test_ctrl_c_during_training_is_one_line_and_keeps_the_checkpoint(tmp_path):
 
     _, progress, _ = checkpoint.RunCheckpointer(workdir / "checkpoints").restore()
     assert progress["stage"] == "pretrain"
+
+
+def test_deferred_interrupts_deliver_after_the_block():
+    """A SIGINT inside the block lets the block finish, then raises; SIGTERM reaches run_cli's handler."""
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with errors.deferred_interrupts():
+            signal.raise_signal(signal.SIGINT)
+            finished.append("block")
+    assert finished == ["block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def main(argv):
+        with errors.deferred_interrupts():
+            signal.raise_signal(signal.SIGTERM)
+            finished.append("term block")
+        finished.append("after")  # never reached: the held SIGTERM raises on leaving the block
+
+    assert errors.run_cli(main, []) == INTERRUPTED
+    assert finished == ["block", "term block"]
+
+
+def test_ctrl_c_inside_an_orbax_save_commits_it_then_interrupts(tmp_path, monkeypatch):
+    """The CI hang: Ctrl-C landing inside orbax's save. The save completes, then the interrupt."""
+    from cream_jax import checkpoint
+
+    ckpt = checkpoint.RunCheckpointer(tmp_path / "checkpoints")
+    real_save = type(ckpt._mgr).save
+
+    def save_hit_by_ctrl_c(self, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # arrives while orbax is starting the save's threads
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(ckpt._mgr), "save", save_hit_by_ctrl_c)
+    import jax.numpy as jnp
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(1, {"a": jnp.ones(3)}, {"stage": "pretrain", "step": 1})
+    ckpt.close()
+    assert checkpoint.RunCheckpointer(tmp_path / "checkpoints").all_steps() == [1]
 
 
 FAILED_WRITE = r"""
