@@ -191,7 +191,7 @@ def run_peer(cfg, dirs: dict, ours: dict, pool: list[dict], pm: int, workdir: st
 
     with torch.no_grad():
         probe = torch.tensor([prompts[0]])
-        threads = fastest_torch_threads(lambda: m1(input_ids=probe).logits)
+        threads = fastest_torch_threads(lambda model=m1: model(input_ids=probe).logits)
     sec, tokens, flops, peaks = {}, {}, {}, {}
 
     # sample: N responses per prompt, Sampling.batch_size prompts per generate call, left-padded.

@@ -256,7 +256,7 @@ def data_files(tmp_path):
     for t in (1, 2):
         rows = [{"id": f"p{t}-{i}", "prompt": f"What is {i} + {t}?", "task": "arith", "answer": str(i + t)} for i in range(8)]
         (d / f"p{t}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rows = [{"id": f"e{i}", "question": f"Who is red? (A) Ann (B) Bob (C) Cid", "label": "B", "task": "choice"} for i in range(4)]
+    rows = [{"id": f"e{i}", "question": "Who is red? (A) Ann (B) Bob (C) Cid", "label": "B", "task": "choice"} for i in range(4)]
     (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d
 

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from cream_jax.data.tokenizer import EMBEDDED_TOKENIZER_DIR  # noqa: E402
 from cream_jax.models import gguf as G  # noqa: E402
-from cream_jax.models.hf import load_hf_llama, load_tokenizer  # noqa: E402
+from cream_jax.models.hf import load_tokenizer  # noqa: E402
 from tests._tiny_models import tiny_hf_model  # noqa: E402
 from tests.test_llama import forward, hf_logits, mixed_padding_batch  # noqa: E402
 
