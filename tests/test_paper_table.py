@@ -119,3 +119,27 @@ def test_one_method_with_a_shared_m1_on_another_preset(tmp_path):
     assert half == pytest.approx(stats.t.ppf(0.975, 2) * stats.sem(x))
     assert "| Oracle DPO | M3 |" in paper_table.markdown(summary)
     paper_table.plot(summary, tmp_path / "acc.png")
+
+
+def test_response_lengths_count_the_logged_texts_per_kind(tmp_path):
+    spec = importlib.util.spec_from_file_location("response_lengths", REPO / "experiments" / "response_lengths.py")
+    lengths = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lengths)
+
+    class WordTokenizer:  # one token per whitespace-separated word
+        def encode(self, text, add_special_tokens=False):
+            assert add_special_tokens is False
+            return text.split()
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    rows = [{"prompt": "p", "responses": ["a b c", "a", "a b", "a b c d e"], "rewards": [1, 0, 0, 0],
+             "chosen": 0, "rejected": 3, "kept": True},
+            {"prompt": "q", "responses": ["x", "x y"], "rewards": [0, 0], "chosen": None, "rejected": None,
+             "kept": False},
+            {"eval": {"question": "?", "answer": "one two"}}]
+    (samples / "iter_1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (samples / "iter_0.jsonl").write_text(json.dumps({"eval": {"question": "?", "answer": "w"}}) + "\n")
+    got = lengths.run_lengths(WordTokenizer(), tmp_path)
+    assert got[1] == {"sampled": [3, 1, 2, 5, 1, 2], "chosen": [3], "rejected": [5], "eval": [2]}
+    assert got[0] == {"sampled": [], "chosen": [], "rejected": [], "eval": [1]}
