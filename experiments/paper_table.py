@@ -61,8 +61,13 @@ METHOD_CONFIGS: dict[str, tuple[list[str], list[str]]] = {
     "SeRA": (["configs/sera.gin"], []),
     "SCIR": (["configs/scir.gin"], []),
     "Oracle DPO": (["configs/dpo_oracle.gin"], []),
+    # Issue 13's stage B: CREAM (dyn) with the length-controlled reward (configs/length_control.gin).
+    "CREAM (length-controlled)": (["configs/cream.gin", "configs/length_control.gin"], []),
 }
-ROW_ORDER = ["M0", "SFT", "SRLM", "SRLM (compact judge)", BASE, "CREAM (avg)", "SeRA", "SCIR", "Oracle DPO"]
+# Without --methods: the toy table's 7 configurations (docs/results.md), as first run.
+TOY_TABLE_METHODS = [BASE, "CREAM (avg)", "SRLM", "SRLM (compact judge)", "SeRA", "SCIR", "Oracle DPO"]
+ROW_ORDER = ["M0", "SFT", "SRLM", "SRLM (compact judge)", BASE, "CREAM (avg)", "CREAM (length-controlled)", "SeRA",
+             "SCIR", "Oracle DPO"]
 def trains_own_m1(method: str) -> bool:
     """SRLM's M1 is SFT on IFT + EFT (METHODS 3.1), so it does not start from the base run's M1."""
     return "configs/srlm.gin" in METHOD_CONFIGS[method][0]
@@ -93,7 +98,7 @@ def slug(method: str) -> str:
 
 def make_jobs(seeds: list[int], iterations: int, root: Path, extra: list[str], base_gin: str = "configs/tiny_cpu.gin",
               methods: list[str] | None = None, share_m1: bool = False) -> list[Job]:
-    methods = list(METHOD_CONFIGS) if methods is None else methods
+    methods = list(TOY_TABLE_METHODS) if methods is None else methods
     unknown = [m for m in methods if m not in METHOD_CONFIGS]
     if unknown or not methods:
         raise ValueError(f"--methods: unknown {unknown or 'empty list'}; known: {', '.join(METHOD_CONFIGS)}")
@@ -314,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke version: " + "; ".join(QUICK_BINDINGS))
     parser.add_argument("--gin_param", action="append", default=[], help="extra binding for every run")
     parser.add_argument("--base_gin", default="configs/tiny_cpu.gin", help="the model/data preset every run starts from")
-    parser.add_argument("--methods", default=",".join(METHOD_CONFIGS),
-                        help="comma-separated rows of METHOD_CONFIGS to run (default: all)")
+    parser.add_argument("--methods", default=",".join(TOY_TABLE_METHODS),
+                        help=f"comma-separated rows of METHOD_CONFIGS to run (default: the toy table's); known: {', '.join(METHOD_CONFIGS)}")
     parser.add_argument("--share_m1", action="store_true", help="every seed starts from the first seed's M0 and M1")
     parser.add_argument("--aggregate_only", action="store_true", help="only rebuild the outputs from finished runs")
     args = parser.parse_args(argv)

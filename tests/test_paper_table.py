@@ -46,7 +46,8 @@ def test_mean_ci_is_the_student_t_interval():
 
 def test_jobs_use_the_method_configs_and_share_m0_m1(tmp_path):
     jobs = paper_table.make_jobs([0, 1], 3, tmp_path, ["Eval.num_per_task = 8"])
-    assert len(jobs) == 2 * len(paper_table.METHOD_CONFIGS)
+    assert len(jobs) == 2 * len(paper_table.TOY_TABLE_METHODS)
+    assert set(paper_table.TOY_TABLE_METHODS) < set(paper_table.METHOD_CONFIGS)
     by = {(j.method, j.seed): j for j in jobs}
     avg = by["CREAM (avg)", 1]
     assert str(REPO / "configs" / "cream.gin") in avg.cmd and "CREAM.consistency_level = 'avg'" in avg.cmd
