@@ -386,12 +386,13 @@ def _fmt(value: Any, spec: str) -> str:
 
 def format_table(results: Mapping[str, Any]) -> str:
     """The final terminal table: one line per iteration with accuracy per task, their average,
-    reward accuracy, consistency mean±std, pairs kept and seconds (``seconds["total"]`` if given,
-    else the sum of the phases, which should then not overlap). Missing values print as "-"."""
+    reward accuracy, consistency mean±std, pairs kept, the greedy eval answers' mean length in tokens
+    and seconds (``seconds["total"]`` if given, else the sum of the phases, which should then not
+    overlap). Missing values print as "-"."""
     rows = sorted(results["iterations"], key=lambda r: r["iteration"])
     tasks = _tasks(rows)
     with_model = any("model" in r for r in rows)
-    header = ["iter"] + (["model"] if with_model else []) + tasks + ["avg", "reward acc", "consistency", "pairs", "seconds"]
+    header = ["iter"] + (["model"] if with_model else []) + tasks + ["avg", "reward acc", "consistency", "pairs", "answer tok", "seconds"]
     body = []
     for r in rows:
         cons = r.get("consistency")
@@ -403,7 +404,8 @@ def format_table(results: Mapping[str, Any]) -> str:
             + ([str(r.get("model", "-"))] if with_model else [])
             + [_fmt(r["accuracy"].get(task), ".3f") for task in tasks]
             + [_fmt(_average(r["accuracy"]), ".3f"), _fmt(r.get("reward_accuracy"), ".3f"), cons_text,
-               "-" if r.get("pairs_kept") is None else str(int(r["pairs_kept"])), f"{seconds:.1f}"]
+               "-" if r.get("pairs_kept") is None else str(int(r["pairs_kept"])),
+               _fmt((r.get("response_tokens") or {}).get("eval"), ".1f"), f"{seconds:.1f}"]
         )
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     text_columns = {0, 1} if with_model else {0}

@@ -223,6 +223,11 @@ def _mean_accuracy(row: dict) -> float:
     return float(np.mean([row["accuracy"][k] for k in sorted(row["accuracy"])]))
 
 
+def _mean_or_none(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 def summarize(table: dict) -> list[dict]:
     out = []
     sft_by_seed = {r["seed"]: _mean_accuracy(r) for r in table.get("SFT", {}).get(0, [])}
@@ -247,6 +252,10 @@ def summarize(table: dict) -> list[dict]:
                 "consistency_mean": mean_ci([c["mean"] for c in cons]) if cons else None,
                 "consistency_std": float(np.mean([c["std"] for c in cons])) if cons else None,
                 "pairs_kept": mean_ci([r.get("pairs_kept") for r in rows]) if t > 0 else None,
+                # mean tokens of the greedy eval answers, and of the kept pairs' chosen / rejected
+                # responses (absent in runs from before results rows carried them)
+                "response_tokens": {k: _mean_or_none([(r.get("response_tokens") or {}).get(k) for r in rows])
+                                    for k in ("eval", "chosen", "rejected")},
                 "seconds": float(np.mean([r["seconds"].get("total", sum(r["seconds"].values())) for r in rows])),
                 "per_seed": rows,
             })
@@ -260,15 +269,25 @@ def _pm(mc: tuple[float, float | None] | None, scale: float = 100.0, digits: int
     return f"{mean * scale:.{digits}f}" + (f" ± {half * scale:.{digits}f}" if half is not None else "")
 
 
+def _token_cells(tokens: dict) -> list[str]:
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    pair = "-" if tokens.get("chosen") is None else f"{fmt(tokens['chosen'])} / {fmt(tokens.get('rejected'))}"
+    return [fmt(tokens.get("eval")), pair]
+
+
 def markdown(summary: list[dict]) -> str:
     tasks = [k for k in summary[0]["accuracy"] if k != "mean"] if summary else []
     head = (["method", "model"] + [f"{t} acc %" for t in tasks]
-            + ["mean acc %", "lift vs SFT (pts)", "reward acc %", "consistency (mean ± std)", "pairs kept", "seeds"])
+            + ["mean acc %", "lift vs SFT (pts)", "reward acc %", "consistency (mean ± std)", "pairs kept",
+               "answer tokens", "chosen / rejected tokens", "seeds"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cons = "-" if s["consistency_mean"] is None else f"{s['consistency_mean'][0]:.3f} ± {s['consistency_std']:.3f}"
         cells = ([s["method"], s["model"]] + [_pm(s["accuracy"][t]) for t in tasks] + [_pm(s["accuracy"]["mean"]), _pm(s.get("lift_vs_sft"))]
-                 + [_pm(s["reward_accuracy"]) + ("" if s.get("reward_accuracy_pairs") is None else f" (n {s['reward_accuracy_pairs']:.0f})"), cons, _pm(s["pairs_kept"], scale=1.0, digits=0), str(len(s["seeds"]))])
+                 + [_pm(s["reward_accuracy"]) + ("" if s.get("reward_accuracy_pairs") is None else f" (n {s['reward_accuracy_pairs']:.0f})"), cons, _pm(s["pairs_kept"], scale=1.0, digits=0)]
+                 + _token_cells(s.get("response_tokens") or {}) + [str(len(s["seeds"]))])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -184,6 +184,28 @@ def test_judge_scores_expected_matches_per_prompt_forward(tok, model, caplog):
     assert readout._cache_size() == before  # no new compilation for the same shapes
 
 
+
+@pytest.mark.parametrize("readout", ["expected", "sample"])
+def test_judge_scores_decode_with_the_configured_layers(tok, model, monkeypatch, readout):
+    """Sampling.layers reaches the judgments' decode, and the scanned program judges as the unrolled one."""
+    from cream_jax.engine import host, judging  # noqa: PLC0415
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["layers"])
+        return host.sample_responses(*args, **kwargs)
+
+    monkeypatch.setattr(judging, "sample_responses", recording)
+    instructions, responses = ["Add 2 and 3."], [["It is 5.", "6"]]
+    kwargs = dict(readout=readout, key=jax.random.key(0), tokens=host.TokenSpec.from_tokenizer(tok), max_prompt_len=1400,
+                  max_judgment_tokens=6, num_judgments=2, batch_size=2)
+    unrolled, _ = judging.judge_scores(model, tok, instructions, responses, **kwargs)
+    scanned, _ = judging.judge_scores(model, tok, instructions, responses, layers="scan", **kwargs)
+    assert seen == ["unroll", "scan"]
+    np.testing.assert_allclose(scanned, unrolled, atol=1e-4)  # NaN (unparsed) in the same places
+
+
 def test_compact_template_fits_small_contexts_and_bad_names_fail(tok):
     full = judge.render_judge_prompts(tok, ["What is 2+3?"], ["5"])[0]
     compact = judge.render_judge_prompts(tok, ["What is 2+3?"], ["5"], template="compact")[0]

@@ -103,6 +103,19 @@ def test_wrapper_adjusts_the_current_reward_only(alpha):
     assert sel.stats["length_gap_trained"] == pytest.approx(rw.stats["length_gap_after"])
 
 
+def test_response_token_stats_by_hand():
+    from cream_jax.loop.curate import response_token_stats
+
+    token_mask = np.zeros((3, 2, 5), np.int32)
+    for (b, r), n in {(0, 0): 5, (0, 1): 2, (1, 0): 3, (1, 1): 0, (2, 0): 4, (2, 1): 1}.items():
+        token_mask[b, r, :n] = 1
+    # Prompt 1 is not kept; the empty response (1, 1) is not a sampled response.
+    got = response_token_stats(token_mask, chosen=np.array([1, 0, 0]), rejected=np.array([0, 1, 1]),
+                               keep=np.array([True, False, True]))
+    assert got == {"rollout": (5 + 2 + 3 + 4 + 1) / 5, "chosen": (2 + 4) / 2, "rejected": (5 + 1) / 2}
+    assert response_token_stats(token_mask, np.zeros(3, int), np.ones(3, int), np.zeros(3, bool))["chosen"] is None
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="LengthControl.base='length_control'"):
         methods.create(RunConfig(method="length_control", length_control=LengthControlConfig(base="length_control")))
@@ -125,6 +138,9 @@ def test_length_controlled_cream_runs_through_the_cli(smoke_run, tmp_path):
     assert stats["length_alpha"] >= 0.0 and stats["length_alphas_tried"] >= 1
     assert abs(stats["length_gap_after"]) <= abs(stats["length_gap_before"])  # alpha = 0 is the sweep's start
     assert stats["length_gap_trained"] == pytest.approx(stats["length_gap_after"])  # CREAM keeps every pair
+    # The row's own length means (loop/curate.py) agree with this module's gap on the same pairs.
+    lengths = row["response_tokens"]
+    assert lengths["chosen"] - lengths["rejected"] == pytest.approx(stats["length_gap_trained"], abs=1e-4)
     cream_row = json.loads((reference / "results.json").read_text())["iterations"][1]
     # The consistency is CREAM's own (the same rollout at t = 1, the unadjusted ranker).
     assert row["consistency"] == pytest.approx(cream_row["consistency"])

@@ -236,11 +236,14 @@ def test_format_table(tmp_path):
     table = metrics.format_table({"config": {}, "iterations": _rows()})
     lines = table.splitlines()
     assert len(lines) == 5 and len({len(line) for line in lines}) == 1  # aligned columns
-    assert lines[0].split() == ["iter", "model", "arith", "lookup", "avg", "reward", "acc", "consistency", "pairs", "seconds"]
+    assert lines[0].split() == ["iter", "model", "arith", "lookup", "avg", "reward", "acc", "consistency", "pairs",
+                                "answer", "tok", "seconds"]
     assert set(lines[1]) == {"-", " "}
-    assert lines[2].split() == ["0", "M1", "0.250", "0.500", "0.375", "-", "-", "-", "2.0"]
-    assert lines[3].split() == ["1", "M2", "0.375", "0.625", "0.500", "0.812", "0.712±0.050", "12", "15.5"]
-    assert lines[4].split() == ["2", "M3", "0.500", "0.750", "0.625", "nan", "0.800±0.100", "9", "14.5"]
+    assert lines[2].split() == ["0", "M1", "0.250", "0.500", "0.375", "-", "-", "-", "-", "2.0"]
+    assert lines[3].split() == ["1", "M2", "0.375", "0.625", "0.500", "0.812", "0.712±0.050", "12", "-", "15.5"]
+    assert lines[4].split() == ["2", "M3", "0.500", "0.750", "0.625", "nan", "0.800±0.100", "9", "-", "14.5"]
+    with_lengths = metrics.format_table({"iterations": [{**_rows()[1], "response_tokens": {"eval": 31.25, "rollout": 40.0}}]})
+    assert with_lengths.splitlines()[2].split()[-2] == "31.2"
     with_total = metrics.format_table({"iterations": [{**_rows()[0], "seconds": {"eval": 2.0, "total": 30.0}}]})
     assert with_total.splitlines()[2].split()[-1] == "30.0"
 

@@ -107,7 +107,10 @@ def test_one_method_with_a_shared_m1_on_another_preset(tmp_path):
     lifts = {0: 0.10, 1: 0.02, 2: 0.06}
     for job in jobs:
         m0 = [{**_row(-1, 0.1, 0.1), "model": "M0"}] if job.seed == 0 else []
-        job.cmd = _fake_cmd(job.workdir, m0 + [_row(0, 0.2, 0.4), _row(1, 0.2, 0.4), _row(2, 0.2 + 2 * lifts[job.seed], 0.4)])
+        # seed 2's rows carry no response lengths (a run from before they were recorded)
+        lengths = {} if job.seed == 2 else {"response_tokens": {"eval": 30.0 + job.seed, "chosen": 50.0, "rejected": 40.0 + job.seed}}
+        job.cmd = _fake_cmd(job.workdir, m0 + [_row(0, 0.2, 0.4), _row(1, 0.2, 0.4),
+                                               {**_row(2, 0.2 + 2 * lifts[job.seed], 0.4), **lengths}])
     assert paper_table.run_all(jobs, 2, parallel=2) == []
     assert all((j.workdir / "models" / "m1").is_dir() for j in jobs)
     summary = paper_table.summarize(paper_table.collect(jobs))
@@ -118,7 +121,10 @@ def test_one_method_with_a_shared_m1_on_another_preset(tmp_path):
     x = list(lifts.values())
     assert mean == pytest.approx(np.mean(x))
     assert half == pytest.approx(stats.t.ppf(0.975, 2) * stats.sem(x))
-    assert "| Oracle DPO | M3 |" in paper_table.markdown(summary)
+    assert by["Oracle DPO", 2]["response_tokens"] == {"eval": 30.5, "chosen": 50.0, "rejected": 40.5}
+    assert by["Oracle DPO", 1]["response_tokens"] == {"eval": None, "chosen": None, "rejected": None}
+    table = paper_table.markdown(summary)
+    assert "| Oracle DPO | M3 |" in table and "| 30.5 | 50.0 / 40.5 | 3 |" in table
     paper_table.plot(summary, tmp_path / "acc.png")
 
 

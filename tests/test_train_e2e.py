@@ -52,6 +52,9 @@ def test_cli_writes_every_output(smoke_run):
     assert inputs["prompts"]["1"] == {"skipped": 0, "rows": 16, "unused": 0, "truncated": 0}
     assert inputs["eval_tasks"] == {"arith": {"rows": 8, "truncated": 0}, "choice": {"rows": 8, "truncated": 0}}
     assert it["prompts_truncated"] == 0
+    # Smoke.gin samples <= 16 new tokens and evaluates greedily with <= 16.
+    assert all(0 < r["response_tokens"]["eval"] <= 16 for r in rows)
+    assert all(0 < r["response_tokens"][k] <= 16 for r in rows[1:] for k in ("rollout", "chosen", "rejected"))
     with open(workdir / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 3 and "consistency/mean" in table[0]

@@ -43,6 +43,7 @@ def judge_scores(
     batch_size: int,
     template: str = "additive",
     progress=None,
+    layers: str = "unroll",
 ) -> tuple[np.ndarray, int]:
     """Scores ``[B, R]`` in [0, 5] by the model judging its own responses (NaN where unparsed).
 
@@ -50,6 +51,7 @@ def judge_scores(
     judgment, cut at its "Score:" (appended if missing), then one forward: sum_k k * p(k).
     Prompts are padded to the longest one (rounded up to 64 tokens), at most ``max_prompt_len``;
     longer ones lose their beginning, with a warning.
+    ``layers``: the judgments' decode program (``Sampling.layers``: "unroll" | "scan").
     Returns (scores, number of parse failures).
     """
     b, r = len(responses), len(responses[0])
@@ -61,7 +63,7 @@ def judge_scores(
     if readout == "sample":
         gen_tok, gen_mask = sample_responses(
             model, ids, mask, key=key, num_samples=num_judgments, max_new_tokens=max_judgment_tokens,
-            temperature=0.7, top_p=0.9, top_k=0, tokens=tokens, batch_size=batch_size, progress=progress,
+            temperature=0.7, top_p=0.9, top_k=0, tokens=tokens, batch_size=batch_size, progress=progress, layers=layers,
         )
         texts = decode_responses(tokenizer, gen_tok, gen_mask)
         parsed = np.array([[judge.parse_score(t) for t in row] for row in texts], dtype=object)
@@ -73,7 +75,7 @@ def judge_scores(
     # "expected"
     gen_tok, gen_mask = sample_responses(
         model, ids, mask, key=key, num_samples=1, max_new_tokens=max_judgment_tokens, temperature=0.0,
-        top_p=1.0, top_k=0, tokens=tokens, batch_size=batch_size, progress=progress,
+        top_p=1.0, top_k=0, tokens=tokens, batch_size=batch_size, progress=progress, layers=layers,
     )
     judgments = [t[0] for t in decode_responses(tokenizer, gen_tok, gen_mask)]
     forced, digit_ids, n_failed = judge.expected_score_prompts(tokenizer, flat_instr, flat_resp, judgments, template)

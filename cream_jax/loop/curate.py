@@ -77,6 +77,26 @@ def _summary(values: np.ndarray | None, defined: np.ndarray | None) -> dict:
     return {"mean": float(np.mean(c)), "std": float(np.std(c)), "undefined": int((~defined).sum())}
 
 
+def response_token_stats(token_mask: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, keep: np.ndarray) -> dict:
+    """Mean response length in tokens: over every non-empty sampled response ("rollout"), and over
+    the kept pairs' chosen and rejected responses (None where there is none), so length drift, the
+    bias length control corrects, shows per iteration.
+
+    Args:
+      token_mask: [B, R, S] response token mask. chosen, rejected: [B] response indices. keep: [B] bool.
+    """
+    lengths = np.asarray(token_mask).sum(-1)  # [B, R]
+    sampled = lengths[lengths > 0]
+    keep = np.asarray(keep, bool)
+    rows = np.flatnonzero(keep)
+
+    def mean(values: np.ndarray) -> float | None:
+        return float(values.mean()) if values.size else None
+
+    return {"rollout": mean(sampled), "chosen": mean(lengths[rows, np.asarray(chosen)[rows]]),
+            "rejected": mean(lengths[rows, np.asarray(rejected)[rows]])}
+
+
 def curate(method: Any, ctx: Any, rollout: Rollout, logps: LogProbTable, *, num_logged_samples: int = 4) -> tuple[dict, dict]:
     """(records of the kept pairs, statistics) of one iteration.
 
@@ -130,6 +150,7 @@ def curate(method: Any, ctx: Any, rollout: Rollout, logps: LogProbTable, *, num_
         "prompts": b, "prompts_truncated": rollout.prompts_truncated,
         "reward_accuracy": reward_acc, "reward_accuracy_pairs": reward_acc_pairs,
         "judge_parse_failures": rw.judge_parse_failures, "method": {**rw.stats, **sel.stats}, "seconds": timings,
+        "response_tokens": response_token_stats(rollout.token_mask, sel.pairs.chosen_idx, sel.pairs.rejected_idx, keep),
         "oracle_mean": None if ctx.oracle is None else float(ctx.oracle[valid].mean()) if valid.any() else None,
         "scored_models": sorted(f"M{k}" for k in logps.scored),
         "samples": [{"prompt": rollout.instructions[i], "responses": rollout.texts[i], "rewards": r_now[i].tolist(),

@@ -285,11 +285,13 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
 # Evaluation.
 
 
-def evaluate_model(run: Run, params: Any, key: jax.Array) -> tuple[dict, list]:
-    """Greedy accuracy per test set, plus a few (question, answer) samples for the log."""
+def evaluate_model(run: Run, params: Any, key: jax.Array) -> tuple[dict, list, float | None]:
+    """Greedy accuracy per test set, a few (question, answer) samples for the log, and the answers'
+    mean length in tokens."""
     cfg = run.cfg
     model = run.model(params)
     samples: list = []
+    answer_tokens: list[int] = []
 
     def generate_fn(message_lists):
         ids, mask, _ = pipeline.encode_prompts(run.tokenizer, message_lists, cfg.data.max_prompt_len, on_overflow="truncate")
@@ -299,6 +301,7 @@ def evaluate_model(run: Run, params: Any, key: jax.Array) -> tuple[dict, list]:
             layers=cfg.sampling.layers,
         )
         texts = [row[0] for row in decode_responses(run.tokenizer, toks, tmask)]
+        answer_tokens.extend(np.asarray(tmask)[:, 0].sum(-1).tolist())
         if len(samples) < cfg.eval.num_logged_samples:
             samples.extend({"question": m[-1]["content"], "answer": t} for m, t in zip(message_lists, texts))
         return texts
@@ -307,7 +310,8 @@ def evaluate_model(run: Run, params: Any, key: jax.Array) -> tuple[dict, list]:
     if cfg.eval.num_per_task:
         tests = {k: v[: cfg.eval.num_per_task] for k, v in tests.items()}
     acc = evaluate.evaluate(generate_fn, tests, batch_size=cfg.eval.batch_size)
-    return {k: float(v) for k, v in acc.items()}, samples[: cfg.eval.num_logged_samples]
+    mean_tokens = float(np.mean(answer_tokens)) if answer_tokens else None
+    return {k: float(v) for k, v in acc.items()}, samples[: cfg.eval.num_logged_samples], mean_tokens
 
 
 # ------------------------------------------------------------------------------------------------
@@ -411,9 +415,10 @@ def _run_stages(run: Run) -> dict:
     evaluate_m0 = cfg.eval.m0 if cfg.eval.m0 is not None else cfg.model.source != "embedded"
     if evaluate_m0 and not any(r["iteration"] == -1 for r in run.results):
         tic = time.perf_counter()
-        acc, samples = evaluate_model(run, m0, key)
+        acc, samples, answer_tokens = evaluate_model(run, m0, key)
         run.results.append({"iteration": -1, "model": "M0", "accuracy": acc, "reward_accuracy": None,
-                            "consistency": None, "pairs_kept": None, "seconds": {"eval": time.perf_counter() - tic}})
+                            "consistency": None, "pairs_kept": None, "response_tokens": {"eval": answer_tokens},
+                            "seconds": {"eval": time.perf_counter() - tic}})
         metrics.log_samples(run.workdir, -1, [{"eval": s} for s in samples])
 
     # Stage M1: SFT on the seed set and the method's additions (SRLM's EFT).
@@ -436,9 +441,9 @@ def _run_stages(run: Run) -> dict:
     del m0, params0  # M0 stays only as run.models["m0"], its compute-dtype copy (or on disk)
     if not any(r["iteration"] == 0 for r in run.results):
         tic = time.perf_counter()
-        acc, samples = evaluate_model(run, m1, jax.random.fold_in(key, 0))
+        acc, samples, answer_tokens = evaluate_model(run, m1, jax.random.fold_in(key, 0))
         run.results.append({"iteration": 0, "model": "M1", "accuracy": acc, "reward_accuracy": None,
-                            "consistency": None, "pairs_kept": None,
+                            "consistency": None, "pairs_kept": None, "response_tokens": {"eval": answer_tokens},
                             "seconds": {"setup": run.setup_seconds, **stage_seconds, "eval": time.perf_counter() - tic},
                             "inputs": run.inputs})
         metrics.log_samples(run.workdir, 0, [{"eval": s} for s in samples])
@@ -481,7 +486,7 @@ def _run_iteration(run: Run, t: int, policy: Any, it_key: jax.Array, res: dict |
         seed=cfg.seed + 100 + t, exact_epochs=True)
     train_seconds = time.perf_counter() - tic
     tic = time.perf_counter()
-    acc, samples = evaluate_model(run, new_policy, jax.random.fold_in(it_key, 1))
+    acc, samples, answer_tokens = evaluate_model(run, new_policy, jax.random.fold_in(it_key, 1))
     eval_seconds = time.perf_counter() - tic
     run.put_model(f"m{t + 1}", new_policy)
     if cfg.export_hf:
@@ -495,6 +500,8 @@ def _run_iteration(run: Run, t: int, policy: Any, it_key: jax.Array, res: dict |
            "consistency": None if stats["consistency"]["mean"] is None else  # no self-ranker (the oracle)
            {"mean": stats["consistency"]["mean"], "std": stats["consistency"]["std"]},
            "pairs_kept": stats["pairs_kept"], "pairs_dropped": stats["pairs_dropped"],
+           # .get: curate stats checkpointed before this field existed resume without it
+           "response_tokens": {"eval": answer_tokens, **stats.get("response_tokens", {})},
            "scored_models": stats["scored_models"], "prompts": stats["prompts"], "prompts_truncated": stats["prompts_truncated"],
            "method": stats.get("method", {}),
            "seconds": seconds,

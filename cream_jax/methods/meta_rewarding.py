@@ -153,13 +153,15 @@ def capped_judge_weight(weight, judge_valid, max_share: float):
 
 
 def sample_judgments(model, tokenizer, instructions, responses, *, key, tokens, template, num_judgments,
-                     max_judgment_tokens, max_prompt_len, batch_size, readout="parsed", progress=None) -> dict:
+                     max_judgment_tokens, max_prompt_len, batch_size, readout="parsed", progress=None,
+                     layers="unroll") -> dict:
     """K sampled judgments of every (instruction, response) (SRLM's judge sampling, T=0.7, top-p 0.9).
 
     ``readout``: "parsed": a judgment's score is its last "Score: k" (NaN if none, the paper);
     "expected": the probability-weighted score sum_k k p(k) after the judgment, cut before its
     last "Score:" label or with the label appended (never missing; for models that have not
-    learned the format, e.g. the smoke configuration's).
+    learned the format, e.g. the smoke configuration's). ``layers``: the decode program
+    (``Sampling.layers``).
 
     Returns:
       {"prompt_ids", "prompt_mask": [N, P] the judge prompts; "tokens", "mask": [N, K, S];
@@ -170,7 +172,7 @@ def sample_judgments(model, tokenizer, instructions, responses, *, key, tokens, 
     toks, tmask = sample_responses(
         model, enc["input_ids"], enc["attention_mask"], key=key, num_samples=num_judgments,
         max_new_tokens=max_judgment_tokens, temperature=0.7, top_p=0.9, top_k=0, tokens=tokens,
-        batch_size=batch_size, progress=progress)
+        batch_size=batch_size, progress=progress, layers=layers)
     texts = decode_responses(tokenizer, toks, tmask)
     if readout == "parsed":
         scores = np.array([[np.nan if (v := judge.parse_score(t)) is None else v for t in row] for row in texts], np.float32)
@@ -252,7 +254,7 @@ class MetaRewarding(Method):
             [rollout.texts[i][j] for i in range(b) for j in range(r)], key=key, tokens=ctx.tokens,
             template=mr.judge_template, num_judgments=mr.judge_samples, max_judgment_tokens=mr.max_judgment_tokens,
             max_prompt_len=4 * c.data.max_prompt_len + 256, batch_size=c.sampling.batch_size, readout=mr.score_readout,
-            progress=lambda it: metrics.progress(it, desc=f"iter {ctx.t}: judge (M{k})"))
+            progress=lambda it: metrics.progress(it, desc=f"iter {ctx.t}: judge (M{k})"), layers=c.sampling.layers)
 
     def rewards(self, ctx, rollout, logps):
         b, r = rollout.shape

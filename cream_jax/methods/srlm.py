@@ -34,7 +34,7 @@ class SRLM(Method):
             ctx.model(k), ctx.tokenizer, rollout.instructions, rollout.texts, readout=c.srlm.judge_readout, key=key,
             tokens=ctx.tokens, max_prompt_len=4 * c.data.max_prompt_len + 256, max_judgment_tokens=c.srlm.max_judgment_tokens,
             num_judgments=c.srlm.judge_samples, batch_size=c.sampling.batch_size, template=c.srlm.judge_template,
-            progress=lambda it: metrics.progress(it, desc=f"iter {ctx.t}: judge (M{k})"),
+            progress=lambda it: metrics.progress(it, desc=f"iter {ctx.t}: judge (M{k})"), layers=c.sampling.layers,
         )
 
     def rewards(self, ctx, rollout, logps):
