@@ -242,58 +242,11 @@ class RunConfig:
     guard: GuardConfig = GuardConfig()
 
     def __post_init__(self):
-        validate(self)
+        # Ranges and choices live in one table, cream_jax.validate.RULES (keyed by gin name), which the
+        # trainer's up-front check applies too; the method name is checked by methods.create.
+        from cream_jax import validate as rules  # noqa: PLC0415 - it imports this module
 
-
-_CHOICES = {
-    "reward.reward_reference": ("initial", "previous"),
-    "reward.consistency_method": ("kendall", "spearman", "toporder"),
-    "reward.ties": ("b", "ordinal"),
-    "cream.consistency_level": ("dyn", "avg"),
-    "srlm.judge_readout": ("expected", "sample"),
-    "srlm.judge_template": ("additive", "compact"),
-    "scir.divergence": ("skl", "bce", "mse"),
-    "meta_rewarding.judge_template": ("additive", "compact"),
-    "meta_rewarding.score_readout": ("parsed", "expected"),
-    "dpo.loss_type": ("sigmoid", "ipo", "hinge", "simpo"),
-    "sampling.layers": ("unroll", "scan"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.export_dtype": (None, "float32", "bfloat16"),
-    "model.remat_policy": ("full", "matmuls"),
-    "data.on_overflow": ("truncate", "error"),
-    "data.on_bad_row": ("raise", "skip"),
-    "nan_policy": ("stop",),
-}
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def validate(cfg: RunConfig) -> None:
-    """One-line errors for values no run can use (a method checks its own cross-field constraints:
-    ``methods.create``; the method name is checked against the registry there)."""
-    for name, allowed in _CHOICES.items():
-        value = _get(cfg, name)
-        if value not in allowed:
-            raise ValueError(f"config: {name}={value!r} is not one of {', '.join(map(repr, allowed))}")
-    positive = [
-        "iterations", "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size",
-        "dpo.optim.batch_size", "sft.optim.batch_size", "pretrain.optim.batch_size",
-        "eval.batch_size", "reward.score_batch_size", "data.max_prompt_len",
-    ]
-    for name in positive:
-        if _get(cfg, name) <= 0:
-            raise ValueError(f"config: {name} must be > 0, got {_get(cfg, name)}")
-    if cfg.sampling.num_samples < 2:
-        raise ValueError("config: sampling.num_samples must be >= 2 to build preference pairs")
-    if cfg.srlm.judge_samples <= 0:
-        raise ValueError(f"config: srlm.judge_samples must be > 0, got {cfg.srlm.judge_samples}")
-    if cfg.sampling.temperature < 0:
-        raise ValueError(f"config: sampling.temperature must be >= 0, got {cfg.sampling.temperature}")
+        rules.check_rules(self, skip=("Run.method",))
 
 
 def to_dict(cfg: Any) -> Any:

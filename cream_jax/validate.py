@@ -280,6 +280,9 @@ _add({
     "Run.checkpoint_every": at_least(0),
     "Run.nan_policy": one_of("stop"),
     "Model.dtype": one_of("float32", "bfloat16"),
+    "Model.param_dtype": one_of("float32", "bfloat16"),
+    "Model.export_dtype": one_of(None, "float32", "bfloat16"),
+    "Model.remat_policy": one_of("full", "matmuls"),
     "Model.hidden_size": at_least(1),
     "Model.intermediate_size": at_least(1),
     "Model.num_hidden_layers": at_least(1),
@@ -319,10 +322,12 @@ _add({
     "SCIR.gamma": at_least(0),
     "SCIR.divergence": one_of("skl", "bce", "mse"),
     "SCIR.tie_tolerance": at_least(0),
+    "LengthControl.alpha": Rule(lambda v: v is None or (_finite(v) and v >= 0),
+                                "must be >= 0 (a length penalty) or None (searched)"),
     "LengthControl.alpha_max": positive(),
     "LengthControl.alpha_step": positive(),
     "MetaRewarding.judge_template": one_of("additive", "compact"),
-    "MetaRewarding.judge_samples": at_least(1),
+    "MetaRewarding.judge_samples": Rule(lambda v: _finite(v) and v >= 2, "must be >= 2 (the meta-judge compares judgments)"),
     "MetaRewarding.score_readout": one_of("parsed", "expected"),
     "MetaRewarding.max_judgment_tokens": at_least(1),
     "MetaRewarding.max_judge_share": within(0, 0.5),
@@ -366,11 +371,13 @@ def check_rule(key: str, value: Any, allowed: set = frozenset()) -> None:
             raise ConfigError(f"{key}: {value!r} {rule.says()}{extra}")
 
 
-def check_rules(cfg: Any) -> None:
-    """Applies `RULES`; a sanity rule is skipped for keys listed in ``Guard.allow``."""
+def check_rules(cfg: Any, skip: tuple[str, ...] = ()) -> None:
+    """Applies `RULES` (but those of the keys in ``skip``); a sanity rule is skipped for keys listed
+    in ``Guard.allow``. Every `RunConfig` runs it on construction."""
     allowed = _check_allow(getattr(getattr(cfg, "guard", None), "allow", ()))
     for key in RULES:
-        check_rule(key, resolve(cfg, key), allowed)
+        if key not in skip:
+            check_rule(key, resolve(cfg, key), allowed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,18 +59,33 @@ def test_unknown_binding_and_syntax_errors(tmp_path):
 
 
 def test_invalid_values_name_the_field():
-    with pytest.raises(ValueError, match=r"sampling.num_samples must be >= 2"):
+    with pytest.raises(ValueError, match=r"^Sampling.num_samples: 1 must be >= 2$"):
         build(["Sampling.num_samples = 1"])
-    with pytest.raises(ValueError, match=r"cream.consistency_level='x'"):
+    with pytest.raises(ValueError, match=r"^CREAM.consistency_level: 'x' must be one of 'dyn', 'avg'$"):
         build(["CREAM.consistency_level = 'x'"])
+    with pytest.raises(ValueError, match=r"^Model.remat_policy: 'some' must be one of 'full', 'matmuls'$"):
+        build(["Model.remat_policy = 'some'"])
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"param_dtype": "float16"}, "Model.param_dtype: 'float16' must be one of 'float32', 'bfloat16'"),
+    ({"export_dtype": "int8"}, "Model.export_dtype: 'int8' must be one of None, 'float32', 'bfloat16'"),
+    ({"num_hidden_layers": 0}, "Model.num_hidden_layers: 0 must be >= 1"),
+])
+def test_a_run_config_built_in_code_checks_the_same_rules(model, message):
+    """No gin involved: RunConfig's construction applies cream_jax.validate.RULES, the one table."""
+    with pytest.raises(ValueError) as e:
+        config_lib.RunConfig(model=config_lib.ModelConfig(**model))
+    assert str(e.value) == message
+    assert config_lib.RunConfig(model=config_lib.ModelConfig(export_dtype=None)).model.export_dtype is None
 
 
 @pytest.mark.parametrize("bindings, message", [
     (["DPO.loss_type = 'ipo'"], "method='cream' weights each pair by the soft label C, which only DPO.loss_type='sigmoid'"),
     (["Run.method = 'scir'", "DPO.loss_type = 'hinge'"], "method='scir' trains with its own DPO (sigmoid) term"),
-    (["Run.method = 'sera'", "SeRA.ratio = 0.0"], "SeRA.ratio must be in (0, 1]"),
-    (["Run.method = 'sera'", "SeRA.ensemble_weight = 1.5"], "SeRA.ensemble_weight must be in [0, 1]"),
-    (["Run.method = 'scir'", "SCIR.tie_tolerance = -1.0"], "SCIR.tie_tolerance must be >= 0"),
+    (["Run.method = 'sera'", "SeRA.ratio = 0.0"], "SeRA.ratio: 0.0 must be in (0, 1]"),
+    (["Run.method = 'sera'", "SeRA.ensemble_weight = 1.5"], "SeRA.ensemble_weight: 1.5 must be in [0, 1]"),
+    (["Run.method = 'scir'", "SCIR.tie_tolerance = -1.0"], "SCIR.tie_tolerance: -1.0 must be >= 0"),
 ])
 def test_method_cross_field_errors_are_one_line(bindings, message):
     with pytest.raises(ValueError) as e:

@@ -119,7 +119,7 @@ def test_response_token_stats_by_hand():
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="LengthControl.base='length_control'"):
         methods.create(RunConfig(method="length_control", length_control=LengthControlConfig(base="length_control")))
-    with pytest.raises(ValueError, match="LengthControl.alpha must be >= 0"):
+    with pytest.raises(ValueError, match=r"^LengthControl.alpha: -0.1 must be >= 0 \(a length penalty\) or None"):
         methods.create(RunConfig(method="length_control", length_control=LengthControlConfig(alpha=-0.1)))
     with pytest.raises(ValueError, match="DPO.loss_type='sigmoid'"):  # the base method's own check
         methods.create(dataclasses.replace(RunConfig(method="length_control"), dpo=dataclasses.replace(

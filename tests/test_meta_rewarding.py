@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 
-from cream_jax import methods
 from cream_jax.config import MetaRewardingConfig, RunConfig
 from cream_jax.methods.meta_rewarding import (battle_wins, capped_judge_weight, judge_pair, most_uncertain_response,
                                               positional_weights)
@@ -113,12 +112,11 @@ def test_loss_is_log2_at_the_reference_and_reports_the_judge_share():
 
 def test_config_errors_name_the_field():
     base = RunConfig(method="meta_rewarding")
-    for field, value, match in (("max_judge_share", 0.6, "max_judge_share must be in"),
-                                ("judge_samples", 1, "judge_samples must be >= 2")):
-        cfg = dataclasses.replace(base, meta_rewarding=dataclasses.replace(MetaRewardingConfig(), **{field: value}))
-        with pytest.raises(ValueError, match=f"MetaRewarding.{match}"):
-            methods.create(cfg)
-    with pytest.raises(ValueError, match="meta_rewarding.score_readout"):
+    for field, value, match in (("max_judge_share", 0.6, r"max_judge_share: 0.6 must be in \[0, 0.5\]"),
+                                ("judge_samples", 1, "judge_samples: 1 must be >= 2")):
+        with pytest.raises(ValueError, match=f"^MetaRewarding.{match}"):  # a RunConfig checks its ranges on construction
+            dataclasses.replace(base, meta_rewarding=dataclasses.replace(MetaRewardingConfig(), **{field: value}))
+    with pytest.raises(ValueError, match="MetaRewarding.score_readout: 'mean' must be one of"):
         RunConfig(meta_rewarding=MetaRewardingConfig(score_readout="mean"))
 
 

@@ -111,11 +111,6 @@ class LengthControl(Method):
         return self.base.consistency_level
 
     def validate(self):
-        lc = self.cfg.length_control
-        if lc.alpha is not None and lc.alpha < 0:
-            raise ValueError(f"config: LengthControl.alpha must be >= 0 (a length penalty) or None (searched), got {lc.alpha}")
-        if lc.alpha_max <= 0 or lc.alpha_step <= 0:
-            raise ValueError(f"config: LengthControl.alpha_max and alpha_step must be > 0, got {lc.alpha_max}, {lc.alpha_step}")
         self.base.validate()
 
     def sft_examples(self, eft):

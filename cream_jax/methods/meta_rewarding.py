@@ -223,18 +223,9 @@ class MetaRewarding(Method):
     name = "meta_rewarding"
 
     def validate(self):
-        mr = self.cfg.meta_rewarding
         if self.cfg.dpo.loss_type != "sigmoid":
             raise ValueError(f"config: method='meta_rewarding' trains with its own DPO (sigmoid) terms; DPO.loss_type="
                              f"{self.cfg.dpo.loss_type!r} would be ignored: leave it 'sigmoid'")
-        if not 0.0 <= mr.max_judge_share <= 0.5:
-            raise ValueError(f"config: MetaRewarding.max_judge_share must be in [0, 0.5] (one judge pair per actor "
-                             f"pair at most), got {mr.max_judge_share}")
-        if mr.judge_samples < 2:
-            raise ValueError(f"config: MetaRewarding.judge_samples must be >= 2 (the meta-judge compares judgments), "
-                             f"got {mr.judge_samples}")
-        if mr.max_judgment_tokens <= 0:
-            raise ValueError(f"config: MetaRewarding.max_judgment_tokens must be > 0, got {mr.max_judgment_tokens}")
 
     def sft_examples(self, eft):
         if not self.cfg.meta_rewarding.eft:

@@ -51,8 +51,6 @@ class SCIR(Method):
         if self.cfg.dpo.loss_type != "sigmoid":
             raise ValueError(f"config: method='scir' trains with its own DPO (sigmoid) term; DPO.loss_type="
                              f"{self.cfg.dpo.loss_type!r} would be ignored: leave it 'sigmoid'")
-        if self.cfg.scir.tie_tolerance < 0:
-            raise ValueError(f"config: SCIR.tie_tolerance must be >= 0, got {self.cfg.scir.tie_tolerance}")
 
     def sft_examples(self, eft):
         return pairwise_eft_chats(eft) if self.cfg.scir.eft_pairs else []

@@ -18,12 +18,6 @@ from cream_jax.methods.base import Method, Rewards, Selection, implicit_rewards,
 class SeRA(Method):
     name = "sera"
 
-    def validate(self):
-        if not 0.0 < self.cfg.sera.ratio <= 1.0:
-            raise ValueError(f"config: SeRA.ratio must be in (0, 1], got {self.cfg.sera.ratio}")
-        if not 0.0 <= self.cfg.sera.ensemble_weight <= 1.0:
-            raise ValueError(f"config: SeRA.ensemble_weight must be in [0, 1], got {self.cfg.sera.ensemble_weight}")
-
     def rewards(self, ctx, rollout, logps):
         now, prev = implicit_rewards(ctx.t, logps, self.cfg.reward.reward_reference)
         w = self.cfg.sera.ensemble_weight
