@@ -210,13 +210,23 @@ def collect(jobs: list[Job]) -> dict:
         path = job.workdir / "results.json"
         if not path.exists():
             continue
-        for row in json.loads(path.read_text())["iterations"]:
+        results = json.loads(path.read_text())
+        settings = run_settings(results.get("config") or {})
+        for row in results["iterations"]:
             t = row["iteration"]
             if t <= 0 and not job.is_base and not (t == 0 and trains_own_m1(job.method)):
                 continue  # the same M0 / M1 as the base run's
             method = {-1: "M0", 0: "SFT"}.get(t, job.method) if job.is_base else job.method
-            table.setdefault(method, {}).setdefault(t, []).append({"seed": job.seed, **row})
+            table.setdefault(method, {}).setdefault(t, []).append({"seed": job.seed, **row, "settings": settings})
     return table
+
+
+def run_settings(config: dict) -> dict:
+    """The settings a run actually used (read back from its results.json, not from this invocation's flags)."""
+    dpo, ev = config.get("dpo") or {}, config.get("eval") or {}
+    return {"dpo_learning_rate": (dpo.get("optim") or {}).get("learning_rate"), "dpo_beta": dpo.get("beta"),
+            "dpo_epochs": dpo.get("epochs"), "eval_num_per_task": ev.get("num_per_task"),
+            "prompts_per_iteration": (config.get("data") or {}).get("prompts_per_iteration")}
 
 
 def _mean_accuracy(row: dict) -> float:
@@ -240,10 +250,14 @@ def summarize(table: dict) -> list[dict]:
             paired = [_mean_accuracy(r) - sft_by_seed[r["seed"]] for r in rows if r["seed"] in sft_by_seed]
             lift = mean_ci(paired) if t > 0 and paired else None
             cons = [r["consistency"] for r in rows if r.get("consistency") and r["consistency"].get("mean") is not None]
+            settings = {json.dumps(r.get("settings"), sort_keys=True) for r in rows}
+            if len(settings) > 1:  # seeds run with different settings are not replicates of one row
+                raise ValueError(f"{method} iteration {t}: the seeds' runs used different settings: {sorted(settings)}")
             out.append({
                 "method": method + (" (M1: IFT+EFT)" if t == 0 and method != "SFT" else ""),
                 "iteration": t, "model": rows[0]["model"], "seeds": [r["seed"] for r in rows],
                 "accuracy": acc,
+                "settings": rows[0].get("settings"),
                 "lift_vs_sft": lift,
                 "reward_accuracy": mean_ci([r.get("reward_accuracy") for r in rows]) if t > 0 else None,
                 # pairs the oracle orders strictly (the reward accuracy's denominator), absent in older runs
@@ -354,14 +368,20 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     failures = [] if args.aggregate_only else run_all(jobs, args.iterations, args.jobs)
     wall = time.perf_counter() - tic
-    summary = summarize(collect(jobs))
+    try:
+        summary = summarize(collect(jobs))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if not summary:
         print("error: no finished run to aggregate under " + str(root), file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
-    if args.aggregate_only:  # keep the wall time of the invocation that ran the runs
+    if args.aggregate_only:  # keep the wall time and bindings of the invocation that ran the runs
         previous = out / "summary.json"
-        wall = json.loads(previous.read_text())["meta"].get("wall_seconds") if previous.exists() else None
+        before = json.loads(previous.read_text())["meta"] if previous.exists() else {}
+        wall = before.get("wall_seconds")
+        extra = extra or before.get("extra_bindings", [])
     meta = {"seeds": seeds, "iterations": args.iterations, "extra_bindings": extra, "wall_seconds": wall,
             "share_m1": args.share_m1,
             "methods": {m: {"gin_files": [args.base_gin, *METHOD_CONFIGS[m][0]], "bindings": METHOD_CONFIGS[m][1]}

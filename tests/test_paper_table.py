@@ -28,7 +28,8 @@ def _fake_cmd(workdir: Path, rows: list | None, exit_code: int = 0) -> list[str]
         "import json, pathlib, sys; w = pathlib.Path(sys.argv[1]); "
         "[(w / 'models' / m).mkdir(parents=True, exist_ok=True) for m in ('m0', 'm1')]; "
         "rows = json.loads(sys.argv[2]); "
-        "rows is None or (w / 'results.json').write_text(json.dumps({'iterations': rows})); "
+        "config = {'dpo': {'beta': 0.1, 'epochs': 1, 'optim': {'learning_rate': 2e-5}}, 'eval': {'num_per_task': 64}}; "
+        "rows is None or (w / 'results.json').write_text(json.dumps({'config': config, 'iterations': rows})); "
         "sys.exit(int(sys.argv[3]))"
     )
     return [sys.executable, "-c", code, str(workdir), json.dumps(rows), str(exit_code)]
@@ -150,3 +151,31 @@ def test_response_lengths_count_the_logged_texts_per_kind(tmp_path):
     got = lengths.run_lengths(WordTokenizer(), tmp_path)
     assert got[1] == {"sampled": [3, 1, 2, 5, 1, 2], "chosen": [3], "rejected": [5], "eval": [2]}
     assert got[0] == {"sampled": [], "chosen": [], "rejected": [], "eval": [1]}
+
+
+def test_aggregate_records_the_runs_settings_and_keeps_the_bindings(tmp_path):
+    """The summary's settings are read back from each run's results.json; --aggregate_only keeps the
+    bindings of the invocation that ran the runs (it once wrote [] over them)."""
+    root, out = tmp_path / "runs", tmp_path / "out"
+    argv = ["--methods", "Oracle DPO", "--seeds", "0,1", "--iterations", "1", "--share_m1", "--root", str(root),
+            "--out", str(out)]
+    jobs = paper_table.make_jobs([0, 1], 1, root, [], methods=["Oracle DPO"], share_m1=True)
+    for job in jobs:
+        m0 = [{**_row(-1, 0.1, 0.1), "model": "M0"}] if job.seed == 0 else []
+        subprocess_rc = paper_table.subprocess.call(_fake_cmd(job.workdir, m0 + [_row(0, 0.2, 0.4), _row(1, 0.3, 0.4)]))
+        assert subprocess_rc == 0
+    (out).mkdir()
+    (out / "summary.json").write_text(json.dumps({"meta": {"wall_seconds": 12.0, "extra_bindings": ["DPOOptim.learning_rate = 2e-5"]}}))
+    assert paper_table.main([*argv, "--aggregate_only"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["extra_bindings"] == ["DPOOptim.learning_rate = 2e-5"] and summary["meta"]["wall_seconds"] == 12.0
+    row = next(r for r in summary["rows"] if r["method"] == "Oracle DPO")
+    assert row["settings"]["dpo_learning_rate"] == 2e-5 and row["settings"]["eval_num_per_task"] == 64
+
+    # A seed run with other settings is not a replicate: aggregation refuses to pool it.
+    path = jobs[1].workdir / "results.json"
+    results = json.loads(path.read_text())
+    results["config"]["dpo"]["optim"]["learning_rate"] = 1e-6
+    path.write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="different settings"):
+        paper_table.summarize(paper_table.collect(jobs))
