@@ -83,6 +83,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.sampling import default_gguf, fastest_torch_threads, make_model, matmul_peak, n_params  # noqa: E402
 from cream_jax import scoring, sharding, steps  # noqa: E402
+from cream_jax.engine import batching  # noqa: E402
 from cream_jax.config import OptimConfig  # noqa: E402
 from cream_jax.data import tokenizer as tiny_tokenizer  # noqa: E402
 from cream_jax.models.hf import load_tokenizer, save_hf_llama  # noqa: E402
@@ -165,7 +166,7 @@ def train_ours(model, data: dict, ref: tuple, consistency: np.ndarray, args, tra
         batch = {key: data[key][sl] for key in keys}
         batch.update(ref_chosen=ref[0][sl], ref_rejected=ref[1][sl], consistency=consistency[sl],
                      weight=np.ones(b, np.float32))
-        batch = sharding.shard_batch(batch, mesh)
+        batch = batching.to_global(batch, mesh)
         batch["lr"] = jnp.asarray(OPTIM.learning_rate, jnp.float32)
         state, metrics = train_step(state, batch)
         losses.append(float(metrics["loss"]))  # blocks: the step is done

@@ -186,26 +186,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Places a pytree of host arrays on ``mesh`` split along the leading (batch) axis.
-
-    The leading dimension must be divisible by ``data * fsdp``; pad the batch first otherwise.
-    """
-    n = _mesh_axis_size(mesh, LOGICAL_AXIS_RULES["batch"])
-
-    def one(x):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        if x.ndim == 0:
-            return jax.device_put(x, replicated(mesh))
-        if x.shape[0] % n:
-            raise ValueError(
-                f"shard_batch: leading dimension {x.shape[0]} is not divisible by data*fsdp={n}"
-            )
-        return jax.device_put(x, batch_sharding(mesh, x.ndim))
-
-    return jax.tree.map(one, batch)
-
-
 def batch_multiple(mesh: Mesh) -> int:
     """The number every global batch size must be a multiple of on ``mesh``."""
     return _mesh_axis_size(mesh, LOGICAL_AXIS_RULES["batch"])

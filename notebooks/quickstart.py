@@ -64,7 +64,7 @@ import numpy as np
 
 from cream_jax import config as config_lib
 from cream_jax import sharding, steps
-from cream_jax.data import pipeline
+from cream_jax.engine import batching
 from cream_jax.loop import curate, stages
 from cream_jax.loop.logprobs import LogProbTable
 from cream_jax.loop.rollout import make_rollout
@@ -320,8 +320,11 @@ state = steps.init_train_state(m1, optimizer, jax.random.key(cfg.seed))
 train_step = steps.make_train_step(loss_fn, run.graphdef, optimizer, run.mesh, steps.state_shardings(state),
                                    optim.grad_accum)
 
-padded, real = pipeline.pad_to_multiple(records, sharding.batch_multiple(run.mesh) * optim.grad_accum)
-batch = sharding.shard_batch({**padded, "weight": real.astype(np.float32)}, run.mesh)
+n_pairs = len(next(iter(records.values())))
+multiple = sharding.batch_multiple(run.mesh) * optim.grad_accum
+rows = -(-n_pairs // multiple) * multiple  # padding rows repeat the last pair at weight 0
+weight = (np.arange(rows) < n_pairs).astype(np.float32)
+batch = batching.to_global({**batching.pad_rows(records, rows), "weight": weight}, run.mesh)
 history = []
 for step in range(NUM_TRAIN_STEPS):
     lr = jnp.asarray(steps.learning_rate(optim, step, NUM_TRAIN_STEPS), jnp.float32)

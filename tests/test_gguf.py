@@ -270,6 +270,7 @@ def real():
 def test_real_model_smoke(real, tmp_path):
     """CI smoke: generate, one DPO step, the HF export loads in transformers with the same logits."""
     from cream_jax import sampling, scoring, sharding, steps
+    from cream_jax.engine import batching
     from cream_jax.config import OptimConfig
 
     from cream_jax.models import presets
@@ -320,7 +321,7 @@ def test_real_model_smoke(real, tmp_path):
     state = steps.init_train_state(sharding.shard_params(params, mesh), optimizer, jax.random.key(0))
     step = steps.make_train_step(steps.make_dpo_loss(beta=0.1), graphdef, optimizer, mesh,
                                  steps.state_shardings(state), 1)
-    sharded = sharding.shard_batch(batch, mesh)
+    sharded = batching.to_global(batch, mesh)
     sharded["lr"] = jnp.asarray(lr, jnp.float32)
     state, metrics = step(state, sharded)
     assert abs(float(metrics["loss"]) - np.log(2)) < 1e-4 and float(metrics["grad_norm"]) > 0

@@ -17,11 +17,8 @@ from cream_jax.data.pipeline import (
     encode_sft,
     join_prompt_response,
     make_loader,
-    pad_to_multiple,
-    to_mesh,
 )
 from cream_jax.data.tokenizer import EMBEDDED_TOKENIZER_DIR
-from cream_jax.sharding import make_mesh
 
 # The embedded Llama-3 template with {% generation %} marks around each assistant content + eot:
 # transformers' own return_assistant_tokens_mask is the reference for the SFT loss mask.
@@ -182,18 +179,6 @@ def test_encode_corpus_packs_documents(tok):
     assert (out["loss_mask"] == out["attention_mask"]).all() and out["attention_mask"][-1, -1] == 0
     with pytest.raises(ValueError, match="item 0 has neither 'text' nor 'messages'"):
         encode_corpus(tok, [{"prompt": "x"}], 8)
-
-
-def test_pad_to_multiple_and_to_mesh():
-    batch = {"input_ids": np.ones((5, 3), np.int32), "loss_mask": np.ones((5, 3), np.int32)}
-    padded, valid = pad_to_multiple(batch, 4)
-    assert padded["input_ids"].shape == (8, 3) and valid.tolist() == [True] * 5 + [False] * 3
-    assert padded["loss_mask"][5:].sum() == 0
-    mesh = make_mesh(data=4, fsdp=2)
-    placed, valid = to_mesh(batch, mesh)
-    assert placed["input_ids"].shape == (8, 3) and int(valid.sum()) == 5
-    assert len(placed["input_ids"].sharding.device_set) == 8
-    assert placed["input_ids"].sharding.shard_shape((8, 3)) == (1, 3)
 
 
 def test_loader_resumes_at_the_same_batch():

@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from cream_jax import sampling, scoring, sharding
+from cream_jax.engine import batching
 from cream_jax.models.hf import load_hf_llama
 from tests._tiny_models import random_batch, save_tiny_llama
 from tests.test_llama import forward
@@ -61,7 +62,7 @@ def test_sharded_forward_and_scoring_equal_single_device(models):
     ids, mask = random_batch(8, 10, cfg.vocab_size, seed=12, left_pad=True, min_len=3)
     rmask = np.zeros_like(mask)
     rmask[:, 6:] = 1
-    batch = sharding.shard_batch({"ids": ids, "mask": mask, "rmask": rmask}, mesh)
+    batch = batching.to_global({"ids": ids, "mask": mask, "rmask": rmask}, mesh)
     assert batch["ids"].sharding.spec == P(("data", "fsdp"), None)
     ref = np.asarray(forward(single, ids, mask))
     got = forward(sharded, batch["ids"], batch["mask"])
@@ -78,7 +79,7 @@ def test_sharded_greedy_generate_equals_single_device(models):
     ids, mask = random_batch(4, 6, cfg.vocab_size, seed=13, left_pad=True, min_len=2)
     kw = dict(key=jax.random.key(0), num_samples=2, max_new_tokens=8, temperature=0.0, eos_id=2, pad_id=0)
     ref_tok, ref_mask = sampling.generate(single, ids, mask, **kw)
-    batch = sharding.shard_batch({"ids": ids, "mask": mask}, mesh)
+    batch = batching.to_global({"ids": ids, "mask": mask}, mesh)
     got_tok, got_mask = sampling.generate(sharded, batch["ids"], batch["mask"], **kw)
     np.testing.assert_array_equal(np.asarray(got_tok), np.asarray(ref_tok))
     np.testing.assert_array_equal(np.asarray(got_mask), np.asarray(ref_mask))

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from cream_jax import losses, scoring, sharding, steps
+from cream_jax.engine import batching
 from cream_jax.config import OptimConfig
 from cream_jax.models.llama import LlamaConfig
 from tests._tiny_models import TINY_LLAMA, random_batch, random_llama
@@ -42,7 +43,7 @@ def one_step(mesh, batch, *, grad_accum=1, loss_fn=None, lr=1e-2):
     state = steps.init_train_state(params, optimizer, jax.random.key(0))
     loss_fn = loss_fn or steps.make_dpo_loss(beta=0.1)
     step = steps.make_train_step(loss_fn, graphdef, optimizer, mesh, steps.state_shardings(state), grad_accum)
-    sharded = sharding.shard_batch(batch, mesh)
+    sharded = batching.to_global(batch, mesh)
     sharded["lr"] = jnp.asarray(lr, jnp.float32)
     new_state, m = step(state, sharded)
     return jax.device_get(new_state["params"]), jax.device_get(m), graphdef, params, step
@@ -98,7 +99,7 @@ def test_no_recompilation_for_new_learning_rate_or_values():
     )
     for i, lr in enumerate([1e-3, 5e-4, 0.0]):
         state = steps.init_train_state(params, optimizer, jax.random.key(i))
-        b = sharding.shard_batch(pair_batch(4, seed=10 + i), mesh)
+        b = batching.to_global(pair_batch(4, seed=10 + i), mesh)
         b["lr"] = jnp.asarray(lr, jnp.float32)
         state, m = step(state, b)
         jax.block_until_ready(m)
@@ -144,7 +145,7 @@ def _dpo_step(config, params, graphdef_model, batch, *, lr, remat=None, mesh=Non
     state = steps.init_train_state(params, optimizer, jax.random.key(0))
     step = steps.make_train_step(steps.make_dpo_loss(beta=0.1), graphdef, optimizer, mesh,
                                  steps.state_shardings(state), remat=remat)
-    glob = {**sharding.shard_batch(batch, mesh), "lr": jnp.asarray(lr, jnp.float32)}
+    glob = {**batching.to_global(batch, mesh), "lr": jnp.asarray(lr, jnp.float32)}
     compiled = step.lower(state, dict(glob)).compile()
     new_state, metrics = step(state, glob)
     return float(metrics["loss"]), jax.device_get(new_state["params"]), compiled

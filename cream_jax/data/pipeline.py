@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cream_jax.sharding import batch_multiple, shard_batch
 
 BUCKETS = (32, 64, 96, 128, 256, 512, 1024, 2048, 4096, 8192)
 ON_OVERFLOW = ("error", "truncate")
@@ -371,35 +370,6 @@ def encode_corpus(tokenizer, items: Sequence[Mapping], seq_len: int) -> dict[str
     mask[: len(stream)] = 1
     ids, mask = ids.reshape(n_rows, seq_len), mask.reshape(n_rows, seq_len)
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.copy()}
-
-
-def pad_to_multiple(batch: Mapping[str, Any], multiple: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Pads the leading dimension of every array with zeros up to a multiple (e.g. of the mesh's
-    batch axes); padded rows have all-zero masks.
-
-    Returns:
-      (padded batch, valid [B'] bool: True on the original rows).
-    """
-    sizes = {np.shape(v)[0] for v in batch.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"pad_to_multiple: arrays have different leading sizes {sorted(sizes)}")
-    n = sizes.pop()
-    total = -(-n // multiple) * multiple
-    padded = {k: np.concatenate([np.asarray(v), np.zeros((total - n,) + np.shape(v)[1:], np.asarray(v).dtype)])
-              for k, v in batch.items()}
-    return padded, np.arange(total) < n
-
-
-def to_mesh(batch: Mapping[str, Any], mesh) -> tuple[dict, jax.Array]:
-    """Pads ``batch`` to the mesh's batch multiple and places it with `cream_jax.sharding.shard_batch`.
-
-    Returns:
-      (sharded batch, valid [B'] bool, sharded the same way).
-    """
-    padded, valid = pad_to_multiple(batch, batch_multiple(mesh))
-    padded["valid"] = valid
-    placed = shard_batch(padded, mesh)
-    return {k: v for k, v in placed.items() if k != "valid"}, placed["valid"]
 
 
 class _Rows:
