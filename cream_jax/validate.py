@@ -657,12 +657,17 @@ def check_data(cfg: Any) -> dict:
     return report
 
 
-def count_inputs(cfg: Any, tokenizer: Any, sft: list, pools: list, tests: dict, report: dict | None = None) -> dict:
+def count_inputs(cfg: Any, tokenizer: Any, sft: list, pools: list, tests: dict, report: dict | None = None,
+                 sft_added: list | None = None) -> dict:
     """Adds the truncation counts of what the run will encode to ``report`` (from `check_data`).
 
+    ``sft_added``: the method's SFT additions (SRLM's judge training, SCIR's pairwise judge chats).
+    Their response comes last, after a long rubric prompt, so a truncated one usually teaches nothing.
+
     Returns:
-      ``{"sft": {rows, skipped, truncated}, "prompts": {t: {rows, skipped, truncated}},
-      "eval": {task: {rows, truncated}}, ...}``, every count an int; nonzero ones are logged.
+      ``{"sft": {rows, skipped, truncated}, "sft_added": {rows, truncated, longest},
+      "prompts": {t: {rows, skipped, truncated}}, "eval": {task: {rows, truncated}}, ...}``, every
+      count an int; nonzero ones are logged.
     """
     from cream_jax.data import pipeline  # noqa: PLC0415
 
@@ -672,6 +677,14 @@ def count_inputs(cfg: Any, tokenizer: Any, sft: list, pools: list, tests: dict, 
     sft_entry = report.setdefault("sft", {"rows": len(sft), "skipped": 0})
     sft_entry["rows"] = len(sft)
     sft_entry["truncated"] = sum(n > cfg.sft.max_len for n in sft_lengths)
+    if sft_added:
+        added_lengths = pipeline.token_lengths(tokenizer, sft_added, add_generation_prompt=False)
+        added = report["sft_added"] = {"rows": len(sft_added), "longest": max(added_lengths),
+                                       "truncated": sum(n > cfg.sft.max_len for n in added_lengths)}
+        if added["truncated"]:
+            log.warning("%d of %d SFT examples that %s adds (judge training) are longer than SFT.max_len=%d and "
+                        "lose their end, the judgment they teach; SFT.max_len >= %d keeps them whole",
+                        added["truncated"], added["rows"], cfg.method, cfg.sft.max_len, added["longest"])
     prompts = report.setdefault("prompts", {})
     for t in range(1, cfg.iterations + 1):
         pool = pools[t - 1] if t - 1 < len(pools) else []

@@ -69,8 +69,23 @@ TOY_TABLE_METHODS = [BASE, "CREAM (avg)", "SRLM", "SRLM (compact judge)", "SeRA"
 ROW_ORDER = ["M0", "SFT", "SRLM", "SRLM (compact judge)", BASE, "CREAM (avg)", "CREAM (length-controlled)", "SeRA",
              "SCIR", "Oracle DPO"]
 def trains_own_m1(method: str) -> bool:
-    """SRLM's M1 is SFT on IFT + EFT (METHODS 3.1), so it does not start from the base run's M1."""
-    return "configs/srlm.gin" in METHOD_CONFIGS[method][0]
+    """SRLM's M1 is SFT on IFT + EFT (METHODS 3.1) and SCIR's on IFT + pairwise judge chats
+    (`SCIR.eft_pairs`, METHODS 5.2), so they do not start from the base run's M1. (The toy table of
+    docs/results.md predates SCIR's entry here: its SCIR runs copied the base run's M1.)"""
+    return any(f in METHOD_CONFIGS[method][0] for f in ("configs/srlm.gin", "configs/scir.gin"))
+
+
+def method_bindings(specs: list[str], methods: list[str]) -> dict[str, list[str]]:
+    """``"METHOD: binding"`` strings (--method_param) -> {method: [binding, ...]}."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        method, sep, binding = spec.partition(":")
+        method, binding = method.strip(), binding.strip()
+        if not sep or not binding or method not in methods:
+            raise ValueError(f"--method_param {spec!r}: expected 'METHOD: Section.field = value' with METHOD one of "
+                             f"the --methods ({', '.join(methods)})")
+        out.setdefault(method, []).append(binding)
+    return out
 
 
 QUICK_BINDINGS = ["Pretrain.steps = 20", "SFT.epochs = 1", "Data.prompts_per_iteration = 32", "Eval.num_per_task = 32"]
@@ -97,7 +112,8 @@ def slug(method: str) -> str:
 
 
 def make_jobs(seeds: list[int], iterations: int, root: Path, extra: list[str], base_gin: str = "configs/tiny_cpu.gin",
-              methods: list[str] | None = None, share_m1: bool = False) -> list[Job]:
+              methods: list[str] | None = None, share_m1: bool = False,
+              per_method: dict[str, list[str]] | None = None) -> list[Job]:
     methods = list(TOY_TABLE_METHODS) if methods is None else methods
     unknown = [m for m in methods if m not in METHOD_CONFIGS]
     if unknown or not methods:
@@ -117,6 +133,7 @@ def make_jobs(seeds: list[int], iterations: int, root: Path, extra: list[str], b
                 cmd += ["--gin_file", str(REPO / f)]
             shared = share_m1 and seed != seeds[0]
             for b in [f"Run.seed = {seed}", f"Run.iterations = {iterations}", *bindings, *extra,
+                      *(per_method or {}).get(method, []),
                       *(["Eval.m0 = False"] if shared or method != base else [])]:
                 cmd += ["--gin_param", b]
             if method == base:
@@ -226,6 +243,7 @@ def run_settings(config: dict) -> dict:
     dpo, ev = config.get("dpo") or {}, config.get("eval") or {}
     return {"dpo_learning_rate": (dpo.get("optim") or {}).get("learning_rate"), "dpo_beta": dpo.get("beta"),
             "dpo_epochs": dpo.get("epochs"), "eval_num_per_task": ev.get("num_per_task"),
+            "sft_max_len": (config.get("sft") or {}).get("max_len"),
             "prompts_per_iteration": (config.get("data") or {}).get("prompts_per_iteration")}
 
 
@@ -351,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     parser.add_argument("--quick", action="store_true", help="tiny smoke version: " + "; ".join(QUICK_BINDINGS))
     parser.add_argument("--gin_param", action="append", default=[], help="extra binding for every run")
+    parser.add_argument("--method_param", action="append", default=[],
+                        help="'METHOD: binding' for one method's runs only (e.g. 'SRLM: SFT.max_len = 448')")
     parser.add_argument("--base_gin", default="configs/tiny_cpu.gin", help="the model/data preset every run starts from")
     parser.add_argument("--methods", default=",".join(TOY_TABLE_METHODS),
                         help=f"comma-separated rows of METHOD_CONFIGS to run (default: the toy table's); known: {', '.join(METHOD_CONFIGS)}")
@@ -362,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     root, out = Path(args.root), Path(args.out)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
-        jobs = make_jobs(seeds, args.iterations, root, extra, args.base_gin, methods, args.share_m1)
+        per_method = method_bindings(args.method_param, methods)
+        jobs = make_jobs(seeds, args.iterations, root, extra, args.base_gin, methods, args.share_m1, per_method)
     except ValueError as e:
         parser.error(str(e))
     tic = time.perf_counter()
@@ -384,8 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         extra = extra or before.get("extra_bindings", [])
     meta = {"seeds": seeds, "iterations": args.iterations, "extra_bindings": extra, "wall_seconds": wall,
             "share_m1": args.share_m1,
-            "methods": {m: {"gin_files": [args.base_gin, *METHOD_CONFIGS[m][0]], "bindings": METHOD_CONFIGS[m][1]}
-                        for m in methods}}
+            "methods": {m: {"gin_files": [args.base_gin, *METHOD_CONFIGS[m][0]],
+                            "bindings": METHOD_CONFIGS[m][1] + per_method.get(m, [])} for m in methods}}
+    if args.aggregate_only and not args.method_param:  # the per-method bindings the runs were made with
+        meta["methods"].update({m: v for m, v in before.get("methods", {}).items() if m in methods})
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": summary}, indent=1, default=float))
     (out / "table.md").write_text(markdown(summary))
     plot(summary, out / "accuracy.png")

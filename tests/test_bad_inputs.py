@@ -391,7 +391,29 @@ def test_skipped_and_truncated_rows_are_counted(data_files, tmp_path):
     assert report["prompts"]["2"]["skipped"] == 0 and report["prompts"]["2"]["truncated"] == 0
     assert report["eval_tasks"]["choice"] == {"rows": 4, "truncated": 1}
     assert report["sft"]["truncated"] == 0 and report["sft"]["skipped"] == 0
+    assert "sft_added" not in report  # CREAM adds no SFT examples
     assert not (tmp_path / "wd").exists()  # validation writes nothing
+
+
+def test_judge_training_cut_by_sft_max_len_is_counted_and_named(caplog):
+    """SRLM's EFT chats (a ~400-token rubric, then the judgment) cut by SFT.max_len teach no judging:
+    counted in results.json's inputs and logged with the length that keeps them whole."""
+    from cream_jax import methods
+    from cream_jax.data import pipeline
+    from cream_jax.loop import stages
+
+    config_lib.parse_gin([SMOKE], ["Run.method = 'srlm'"])
+    cfg = config_lib.build_run_config()
+    data = stages.load_task_data(cfg)
+    tok = validate.check_model(cfg)
+    added = methods.create(cfg).sft_examples(data.eft)
+    lengths = pipeline.token_lengths(tok, added, add_generation_prompt=False)
+    with caplog.at_level("WARNING"):
+        report = validate.count_inputs(cfg, tok, data.sft, data.pools, data.tests, {}, sft_added=added)
+    assert report["sft_added"] == {"rows": len(added), "longest": max(lengths),
+                                   "truncated": sum(n > cfg.sft.max_len for n in lengths)}
+    assert report["sft_added"]["truncated"] > 0, "the smoke config's SFT.max_len should cut the additive rubric"
+    assert f"SFT.max_len >= {max(lengths)} keeps them whole" in caplog.text and "srlm adds" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ def test_jobs_use_the_method_configs_and_share_m0_m1(tmp_path):
     assert "Run.seed = 1" in avg.cmd and "Run.iterations = 3" in avg.cmd and "Eval.num_per_task = 8" in avg.cmd
     assert avg.copy_from == by[paper_table.BASE, 1].workdir and avg.copy_models == ("m0", "m1")
     assert by["SRLM", 0].copy_models == ("m0",)  # SRLM's M1 is SFT on IFT + EFT: its own
+    assert by["SCIR", 0].copy_models == ("m0",)  # SCIR's M1 also learns the pairwise judge: its own
     for (method, _), job in by.items():
         files = [job.cmd[i + 1] for i, a in enumerate(job.cmd) if a == "--gin_file"]
         assert files[0].endswith("configs/tiny_cpu.gin") and all(Path(f).exists() for f in files), method
@@ -179,3 +180,14 @@ def test_aggregate_records_the_runs_settings_and_keeps_the_bindings(tmp_path):
     path.write_text(json.dumps(results))
     with pytest.raises(ValueError, match="different settings"):
         paper_table.summarize(paper_table.collect(jobs))
+
+
+def test_method_params_reach_only_their_method():
+    per_method = paper_table.method_bindings(["SRLM: SFT.max_len = 448", "SRLM:SRLM.judge_samples = 2"], ["CREAM (dyn)", "SRLM"])
+    assert per_method == {"SRLM": ["SFT.max_len = 448", "SRLM.judge_samples = 2"]}
+    jobs = paper_table.make_jobs([0], 2, Path("/tmp/x"), [], methods=["CREAM (dyn)", "SRLM"], per_method=per_method)
+    by = {j.method: j.cmd for j in jobs}
+    assert "SFT.max_len = 448" in by["SRLM"] and "SFT.max_len = 448" not in by["CREAM (dyn)"]
+    for bad in ["SFT.max_len = 448", "SeRA: SFT.max_len = 448", "SRLM:"]:
+        with pytest.raises(ValueError, match="--method_param"):
+            paper_table.method_bindings([bad], ["CREAM (dyn)", "SRLM"])

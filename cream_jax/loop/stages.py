@@ -267,7 +267,8 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
             f"Pretrain.seq_len) exceed the model's context of {mc.max_position_embeddings} (max_position_embeddings)"
         )
     data = load_task_data(cfg)
-    inputs = validate.count_inputs(cfg, tok, data.sft, data.pools, data.tests, inputs)
+    inputs = validate.count_inputs(cfg, tok, data.sft, data.pools, data.tests, inputs,
+                                   sft_added=method.sft_examples(data.eft))
     _check_prompt_pools(cfg, tok, data)
     run = Run(
         cfg=cfg, method=method, workdir=workdir, mesh=mesh, tokenizer=tok, tokens=TokenSpec.from_tokenizer(tok),
