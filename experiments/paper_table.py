@@ -76,15 +76,17 @@ def trains_own_m1(method: str) -> bool:
 
 
 def method_bindings(specs: list[str], methods: list[str]) -> dict[str, list[str]]:
-    """``"METHOD: binding"`` strings (--method_param) -> {method: [binding, ...]}."""
+    """``"METHOD: binding"`` strings (--method_param) -> {method: [binding, ...]} for the listed ``methods``
+    (a known method that is not listed is skipped, so one set of flags serves invocations that grow)."""
     out: dict[str, list[str]] = {}
     for spec in specs:
         method, sep, binding = spec.partition(":")
         method, binding = method.strip(), binding.strip()
-        if not sep or not binding or method not in methods:
+        if not sep or not binding or method not in METHOD_CONFIGS:
             raise ValueError(f"--method_param {spec!r}: expected 'METHOD: Section.field = value' with METHOD one of "
-                             f"the --methods ({', '.join(methods)})")
-        out.setdefault(method, []).append(binding)
+                             f"{', '.join(METHOD_CONFIGS)}")
+        if method in methods:
+            out.setdefault(method, []).append(binding)
     return out
 
 

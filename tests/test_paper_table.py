@@ -188,6 +188,7 @@ def test_method_params_reach_only_their_method():
     jobs = paper_table.make_jobs([0], 2, Path("/tmp/x"), [], methods=["CREAM (dyn)", "SRLM"], per_method=per_method)
     by = {j.method: j.cmd for j in jobs}
     assert "SFT.max_len = 448" in by["SRLM"] and "SFT.max_len = 448" not in by["CREAM (dyn)"]
-    for bad in ["SFT.max_len = 448", "SeRA: SFT.max_len = 448", "SRLM:"]:
+    assert paper_table.method_bindings(["SeRA: SFT.max_len = 448"], ["CREAM (dyn)"]) == {}  # known, not run
+    for bad in ["SFT.max_len = 448", "Nope: SFT.max_len = 448", "SRLM:"]:
         with pytest.raises(ValueError, match="--method_param"):
             paper_table.method_bindings([bad], ["CREAM (dyn)", "SRLM"])
