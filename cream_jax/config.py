@@ -52,6 +52,9 @@ class DataConfig:
     """Text sources. ``None`` paths use the embedded synthetic suite."""
 
     sft_path: str | None = None
+    # Judge-training (EFT) examples for the methods whose M1 learns to judge (SRLM, SCIR, Meta-Rewarding)
+    # when data files replace the built-in suite; schema: cream_jax.data.sources ("judge"), docs/data.md.
+    eft_path: str | None = None
     prompt_paths: tuple[str, ...] = ()  # one file per iteration
     eval_paths: tuple[str, ...] = ()
     max_prompt_len: int = 80  # the longest embedded prompt is 65 tokens

@@ -422,8 +422,8 @@ def _rule_heads(cfg: Any, devices: int) -> None:
 
 def _rule_data_files(cfg: Any, devices: int) -> None:
     d = cfg.data
-    if d.sft_path is None and (d.prompt_paths or d.eval_paths):
-        field = "Data.prompt_paths" if d.prompt_paths else "Data.eval_paths"
+    if d.sft_path is None and (d.prompt_paths or d.eval_paths or d.eft_path):
+        field = "Data.prompt_paths" if d.prompt_paths else "Data.eval_paths" if d.eval_paths else "Data.eft_path"
         raise ConfigError(f"{field}: set, but Data.sft_path is None, so the embedded suite would be used and these "
                           "files ignored; set Data.sft_path too")
     if d.sft_path is not None and len(d.prompt_paths) < cfg.iterations:
@@ -651,7 +651,10 @@ def check_data(cfg: Any) -> dict:
     for path in d.eval_paths:
         ev = sources.load_eval_set(path, on_error=on_error)
         report["eval"][str(path)] = {"rows": len(ev.items), "skipped": ev.n_skipped}
-    for entry in [report["sft"], *report["prompts"].values(), *report["eval"].values()]:
+    if d.eft_path:
+        eft = sources.load_judge_examples(d.eft_path, on_error=on_error)
+        report["eft"] = {"file": str(d.eft_path), "rows": len(eft.items), "skipped": eft.n_skipped}
+    for entry in [report["sft"], *report["prompts"].values(), *report["eval"].values(), *([report["eft"]] if d.eft_path else [])]:
         if entry["skipped"]:
             log.warning("%s: %d bad rows skipped (Data.on_bad_row='skip')", entry.get("file", ""), entry["skipped"])
     return report

@@ -258,12 +258,15 @@ def data_files(tmp_path):
         (d / f"p{t}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rows = [{"id": f"e{i}", "question": "Who is red? (A) Ann (B) Bob (C) Cid", "label": "B", "task": "choice"} for i in range(4)]
     (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [{"instruction": f"What is {i} + 1?", "response": f"The answer is {i + 1 + (i % 2)}.", "score": 5 - 3 * (i % 2),
+             "justification": f"The sum is {'right' if i % 2 == 0 else 'wrong'}. Score: {5 - 3 * (i % 2)}"} for i in range(4)]
+    (d / "eft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d
 
 
-def data_params(d: Path, sft="sft.json", prompts=("p1.jsonl", "p2.jsonl"), evals=("test.jsonl",)):
+def data_params(d: Path, sft="sft.json", prompts=("p1.jsonl", "p2.jsonl"), evals=("test.jsonl",), eft=None):
     return [f"Data.sft_path = '{d / sft}'", f"Data.prompt_paths = {tuple(str(d / p) for p in prompts)!r}",
-            f"Data.eval_paths = {tuple(str(d / e) for e in evals)!r}"]
+            f"Data.eval_paths = {tuple(str(d / e) for e in evals)!r}"] + ([f"Data.eft_path = '{d / eft}'"] if eft else [])
 
 
 def _rewrite_jsonl(path: Path, index: int, **changes):
@@ -335,6 +338,10 @@ ROW_CASES = {
     "eval_label_not_an_option_letter": ("test.jsonl", 0, {"label": "Bob"}, ["test.jsonl: line 1", "is not an option letter"]),
     "eval_task_unknown": ("test.jsonl", 1, {"task": "trivia"}, ["test.jsonl: line 2", "task 'trivia' is unknown"]),
     "eval_missing_label": ("test.jsonl", 3, {"label": None}, ["test.jsonl: line 4", "missing field 'label'"]),
+    "eft_score_out_of_range": ("eft.jsonl", 1, {"score": 7}, ["eft.jsonl: line 2", "field 'score' must be an integer 0-5, got 7"]),
+    "eft_justification_disagrees": ("eft.jsonl", 0, {"score": 4},
+                                    ["eft.jsonl: line 1", "must end with 'Score: 4' (the judgment taught), has 'Score: 5'"]),
+    "eft_missing_justification": ("eft.jsonl", 2, {"justification": None}, ["eft.jsonl: line 3", "missing field 'justification'"]),
 }
 
 
@@ -342,7 +349,7 @@ ROW_CASES = {
 def test_bad_row(cli, workdir, data_files, case):
     name, line, fields, needles = ROW_CASES[case]
     _rewrite_jsonl(data_files / name, line, **fields)
-    refused(cli, workdir, DATA, needles, *data_params(data_files))
+    refused(cli, workdir, DATA, needles, *data_params(data_files, eft="eft.jsonl" if name == "eft.jsonl" else None))
 
 
 def test_eval_line_not_json(cli, workdir, data_files):
@@ -355,6 +362,37 @@ def test_every_row_bad_with_skip(cli, workdir, data_files):
     (data_files / "p1.jsonl").write_text('{"x": 1}\n{"y": 2}\n')
     refused(cli, workdir, DATA, ["p1.jsonl: no valid prompts records (2 skipped)"], *data_params(data_files),
             "Data.on_bad_row = 'skip'")
+
+
+def test_eft_path_without_data_files(cli, workdir, data_files):
+    refused(cli, workdir, CONFIG, ["Data.eft_path: set, but Data.sft_path is None"], f"Data.eft_path = '{data_files / 'eft.jsonl'}'")
+
+
+def test_judge_examples_from_a_file_become_srlm_and_scir_judge_training(data_files, caplog):
+    """Data.eft_path: SRLM's M1 learns the rubric judgments and SCIR's the pairwise verdicts from
+    the file's rows; without it, with data files, the run warns that M1 learns no judging."""
+    from cream_jax import methods
+    from cream_jax.loop import stages
+
+    config_lib.parse_gin([SMOKE], data_params(data_files, eft="eft.jsonl") + ["Run.method = 'srlm'"])
+    cfg = config_lib.build_run_config()
+    data = stages.load_task_data(cfg)
+    assert [e["score"] for e in data.eft] == [5, 2, 5, 2]
+    chats = methods.create(cfg).sft_examples(data.eft)
+    assert len(chats) == 4 and chats[1][-1] == {"role": "assistant", "content": "The sum is wrong. Score: 2"}
+    assert "What is 1 + 1?" in chats[1][-2]["content"] and "The answer is 3." in chats[1][-2]["content"]
+    scir = methods.create(dataclasses.replace(cfg, method="scir"))
+    # No task, no kind: the solutions are the rows scored 5; each row above 1 point is paired with
+    # another question's solution, in both orders.
+    verdicts = [c[-1]["content"] for c in scir.sft_examples(data.eft)]
+    assert verdicts == ["1", "2"] * 4
+
+    config_lib.parse_gin([SMOKE], data_params(data_files) + ["Run.method = 'srlm'"])
+    cfg = config_lib.build_run_config()
+    with caplog.at_level("WARNING"):
+        run, _ = stages.setup(cfg, data_files.parent / "wd")
+    assert run.data.eft == () and "srlm's M1 learns to judge from EFT examples" in caplog.text
+    assert "Data.eft_path" in caplog.text
 
 
 def test_fewer_prompt_files_than_iterations(cli, workdir, data_files):

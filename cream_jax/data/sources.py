@@ -18,6 +18,11 @@ Accepted schemas (output items in brackets):
   [{"id", "question", "label" (str), "task"}] -- the task must be known to the verifier
   (`cream_jax.evaluate.TASK_KINDS`); a multiple-choice label must be one of the question's
   options "(A) ... (B) ...", a numeric label a number.
+* ``"judge"``: judge-training (EFT) rows ``{id?, instruction, response, score, justification,
+  task?, kind?}``: ``score`` an integer 0-5 and ``justification`` the judgment the model should
+  write, ending in "Score: <score>" (SRLM's additive rubric, METHODS 3.1; the parsed score must
+  equal ``score``). [{"id", "instruction", "response", "score" (int), "justification"} (+ "task",
+  "kind")]
 * ``"pairs"``: rows ``{prompt, chosen, rejected}`` (TRL style: strings, or message lists whose
   last assistant turn is the response); CREAM's DPO file ``{uuid: {"prompt", "selected",
   "rejected", "consistency"}}``. [{"id", "prompt" (messages), "chosen", "rejected"} (+
@@ -31,10 +36,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from cream_jax import evaluate
+from cream_jax import evaluate, judge
 from cream_jax.errors import DataError
 
-KINDS = ("sft", "prompts", "eval", "pairs")
+KINDS = ("sft", "prompts", "eval", "judge", "pairs")
 ROLES = ("system", "user", "assistant")
 ON_ERROR = ("raise", "skip")
 
@@ -259,6 +264,23 @@ def _parse_eval(record: dict, rid: str, task: str | None) -> dict:
     return {"id": rid, "question": question, "label": str(label).strip(), "task": record_task}
 
 
+def _parse_judge(record: dict, rid: str) -> dict:
+    item = {"id": rid, "instruction": _text(record, "instruction"), "response": _text(record, "response")}
+    if "score" not in record:
+        raise _Bad("missing field 'score'")
+    score = record["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or score != int(score) \
+            or not 0 <= score <= judge.MAX_SCORE:
+        raise _Bad(f"field 'score' must be an integer 0-{judge.MAX_SCORE}, got {score!r}")
+    item["score"] = int(score)
+    item["justification"] = _text(record, "justification")
+    parsed = judge.parse_score(item["justification"])
+    if parsed != item["score"]:
+        found = "no 'Score: k'" if parsed is None else f"'Score: {parsed:g}'"
+        raise _Bad(f"field 'justification' must end with 'Score: {item['score']}' (the judgment taught), has {found}")
+    return _extras(record, item, ("task", "kind"))
+
+
 def _parse_pairs(record: dict, rid: str) -> dict:
     if "prompt" not in record:
         raise _Bad("missing field 'prompt'")
@@ -294,7 +316,7 @@ def parse_records(
     """Validates records into items of one schema (see the module docstring).
 
     Args:
-      kind: "sft", "prompts", "eval" or "pairs".
+      kind: "sft", "prompts", "eval", "judge" or "pairs".
       records: ``(where, key, record)`` triples: `read_records` output, or
         ``(f"row {i}", None, row)`` for the rows of a mapped HF dataset.
       source: file or dataset name used in error messages and default ids.
@@ -324,6 +346,8 @@ def parse_records(
                 item = _parse_prompts(record, rid)
             elif kind == "eval":
                 item = _parse_eval(record, rid, task)
+            elif kind == "judge":
+                item = _parse_judge(record, rid)
             else:
                 item = _parse_pairs(record, rid)
         except _Bad as e:
@@ -357,6 +381,11 @@ def load_prompt_pool(path: str | Path, *, on_error: str = "raise") -> Loaded:
 def load_eval_set(path: str | Path, *, task: str | None = None, on_error: str = "raise") -> Loaded:
     """Eval items ``{id, question, label, task}``; ``task`` fills records without one."""
     return _load("eval", path, on_error, task)
+
+
+def load_judge_examples(path: str | Path, *, on_error: str = "raise") -> Loaded:
+    """Judge-training (EFT) examples ``{instruction, response, score, justification}`` (SRLM's M1, METHODS 3.1)."""
+    return _load("judge", path, on_error)
 
 
 def load_pairs(path: str | Path, *, on_error: str = "raise") -> Loaded:

@@ -69,7 +69,8 @@ class TaskData:
 
 
 def load_task_data(cfg: RunConfig) -> TaskData:
-    """The built-in suite (``Data.suite``) unless data files are configured (then no pretraining corpus, no EFT)."""
+    """The built-in suite (``Data.suite``) unless data files are configured (then no pretraining corpus, and
+    EFT examples only from ``Data.eft_path``)."""
     data = cfg.data
     if data.sft_path is None:
         if data.suite == "embedded":
@@ -96,7 +97,8 @@ def load_task_data(cfg: RunConfig) -> TaskData:
     for path in data.eval_paths:
         for item in sources.load_eval_set(path, on_error=data.on_bad_row).items:
             tests.setdefault(item.get("task") or Path(path).stem, []).append(item)
-    return TaskData([], sft, pools, tests, synthetic.verify)
+    eft = tuple(sources.load_judge_examples(data.eft_path, on_error=data.on_bad_row).items) if data.eft_path else ()
+    return TaskData([], sft, pools, tests, synthetic.verify, eft)
 
 
 def iteration_pool(cfg: RunConfig, data: TaskData, t: int) -> list[dict]:
@@ -269,6 +271,9 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
     data = load_task_data(cfg)
     inputs = validate.count_inputs(cfg, tok, data.sft, data.pools, data.tests, inputs,
                                    sft_added=method.sft_examples(data.eft))
+    if method.learns_to_judge() and not data.eft:
+        log.warning("%s's M1 learns to judge from EFT examples, but these data files bring none: M1 gets no judge "
+                    "training (set Data.eft_path, docs/data.md)", cfg.method)
     _check_prompt_pools(cfg, tok, data)
     run = Run(
         cfg=cfg, method=method, workdir=workdir, mesh=mesh, tokenizer=tok, tokens=TokenSpec.from_tokenizer(tok),

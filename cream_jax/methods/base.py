@@ -120,6 +120,11 @@ class Method:
         """Chats added to the seed SFT set (e.g. SRLM's judge training, EFT); none by default."""
         return []
 
+    def learns_to_judge(self) -> bool:
+        """Whether :meth:`sft_examples` turns EFT examples into judge training (with data files those
+        come from ``Data.eft_path``; without them M1 learns no judging, which the trainer warns about)."""
+        return False
+
     # -- one iteration ----------------------------------------------------------------------------
     def models_to_score(self, t: int) -> frozenset[int]:
         """Iterations k whose M_k must score the rollout at iteration t (t itself always: its

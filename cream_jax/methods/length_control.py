@@ -116,6 +116,9 @@ class LengthControl(Method):
     def sft_examples(self, eft):
         return self.base.sft_examples(eft)
 
+    def learns_to_judge(self):
+        return self.base.learns_to_judge()
+
     def models_to_score(self, t):
         return self.base.models_to_score(t)
 

@@ -234,6 +234,9 @@ class MetaRewarding(Method):
         return [judge.judge_messages(e["instruction"], e["response"], template)
                 + [{"role": "assistant", "content": e["justification"]}] for e in eft]
 
+    def learns_to_judge(self):
+        return self.cfg.meta_rewarding.eft
+
     def models_to_score(self, t):
         return frozenset({t})
 

@@ -25,13 +25,15 @@ def pairwise_eft_chats(eft) -> list[list[dict]]:
     Each EFT example whose oracle score beats an off-topic answer (> 1 point) is paired with the
     worked solution of another question of its task, which is exactly the suite's "off_topic" kind
     (1 point by its rubric); both presentation orders, the verdict is the better one's position.
+    Examples from a file (``Data.eft_path``) may carry no task (one group) and no kind (the
+    solutions are then those scored 5).
     """
-    by_task: dict[str, list[dict]] = {}
+    by_task: dict[str | None, list[dict]] = {}
     for e in eft:
-        by_task.setdefault(e["task"], []).append(e)
+        by_task.setdefault(e.get("task"), []).append(e)
     chats = []
     for items in by_task.values():
-        solutions = [e for e in items if e["kind"] == "correct"]
+        solutions = [e for e in items if e.get("kind", "correct" if e["score"] == judge.MAX_SCORE else None) == "correct"]
         for e in items:
             others = [s for s in solutions if s["instruction"] != e["instruction"]]
             if e["score"] <= 1 or not others:
@@ -54,6 +56,9 @@ class SCIR(Method):
 
     def sft_examples(self, eft):
         return pairwise_eft_chats(eft) if self.cfg.scir.eft_pairs else []
+
+    def learns_to_judge(self):
+        return self.cfg.scir.eft_pairs
 
     def extra_records(self, ctx, rollout, pairs):
         """Pairwise judge prompts of every kept pair in both orders (the generative reward's input)."""

@@ -24,6 +24,9 @@ class SRLM(Method):
         return [judge.judge_messages(e["instruction"], e["response"], template)
                 + [{"role": "assistant", "content": e["justification"]}] for e in eft]
 
+    def learns_to_judge(self):
+        return True
+
     def models_to_score(self, t):
         return frozenset({t})
 
