@@ -19,8 +19,11 @@ start from copies of its ``models/m0`` (and ``models/m1``, not for SRLM): the tr
 its model store and skips those stages, exactly as it does when it resumes. "SFT" in the table is M1.
 With ``--methods`` the first listed method (CREAM (dyn) if listed) is the base. With ``--share_m1``
 every seed starts from the first seed's M0 and M1 (a budget cut for models whose SFT is expensive:
-the intervals then cover the self-rewarding loop's randomness, not SFT's); M0 is evaluated once.
-"lift" columns are paired per seed: the method's mean accuracy minus its seed's M1's.
+the intervals then cover the self-rewarding loop's randomness, not SFT's); M0 is evaluated once, and
+a method with its own M1 (SRLM, SCIR) trains it once, at the first seed, for all its seeds.
+A run starts only after the run it copies its models from has finished.
+"lift" columns are paired per seed: the method's mean accuracy minus its seed's M1's (for SRLM and SCIR
+their own M1's).
 
 Runs go to ``--root`` (one workdir each; an interrupted invocation resumes: finished runs are skipped,
 unfinished ones resume from their checkpoints). ``--jobs`` runs go in parallel (the tiny model
@@ -99,10 +102,9 @@ class Job:
     seed: int
     workdir: Path
     cmd: list[str]
-    copy_from: Path | None = None  # the base run whose M0 (and M1) this run starts from
+    copy_from: Path | None = None  # the run whose M0 (and M1) this run starts from; it must finish first
     copy_models: tuple[str, ...] = ()
     is_base: bool = False  # trains (or, with --share_m1, copies) its seed's M0 and M1
-    waits_for: int | None = None  # the seed whose base run must finish first
 
     @property
     def name(self) -> str:
@@ -141,12 +143,15 @@ def make_jobs(seeds: list[int], iterations: int, root: Path, extra: list[str], b
             if method == base:
                 if shared:
                     jobs.append(Job(method, seed, workdir, cmd, copy_from=root / f"seed{seeds[0]}" / slug(base),
-                                    copy_models=("m0", "m1"), is_base=True, waits_for=seeds[0]))
+                                    copy_models=("m0", "m1"), is_base=True))
                 else:
                     jobs.append(Job(method, seed, workdir, cmd, is_base=True))
+            elif trains_own_m1(method) and shared:  # its own M1, trained once at the first seed, like the base's
+                jobs.append(Job(method, seed, workdir, cmd, copy_from=root / f"seed{seeds[0]}" / slug(method),
+                                copy_models=("m0", "m1")))
             else:
                 models = ("m0",) if trains_own_m1(method) else ("m0", "m1")
-                jobs.append(Job(method, seed, workdir, cmd, copy_from=base_dir, copy_models=models, waits_for=seed))
+                jobs.append(Job(method, seed, workdir, cmd, copy_from=base_dir, copy_models=models))
     return jobs
 
 
@@ -168,23 +173,23 @@ def run_job(job: Job) -> tuple[Job, int, float]:
 
 
 def run_all(jobs: list[Job], iterations: int, parallel: int) -> list[str]:
-    """Runs the jobs, a method's run only after its seed's base run; returns failures."""
+    """Runs the jobs, each only after the run it copies its models from; returns failures."""
     todo = [j for j in jobs if not finished(j.workdir, iterations)]
-    done_bases = {j.seed for j in jobs if j.is_base and j not in todo}
+    done = {j.workdir for j in jobs if j not in todo}
     failures: list[str] = []
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished; {len(todo)} to run, {parallel} at a time", flush=True)
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(parallel) as pool:
         running: set[cf.Future] = set()
         while todo or running:
-            ready = [j for j in todo if j.waits_for is None or j.waits_for in done_bases]
+            ready = [j for j in todo if j.copy_from is None or j.copy_from in done]
             ready.sort(key=lambda j: (not j.is_base, j.seed))  # bases first: they unlock the rest
             for job in ready[: parallel - len(running)]:
                 todo.remove(job)
                 print(f"[{time.perf_counter() - t0:7.0f}s] start  {job.name}  (log: {job.workdir / 'train.log'})", flush=True)
                 running.add(pool.submit(run_job, job))
-            if not running:  # a base run failed: the runs waiting for it cannot start
-                failures += [f"{j.name}: base run failed" for j in todo]
+            if not running:  # what is left waits for runs that failed (a defensive stop; see below)
+                failures += [f"{j.name}: the run it copies from did not finish" for j in todo]
                 break
             finished_now, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for fut in finished_now:
@@ -193,12 +198,16 @@ def run_all(jobs: list[Job], iterations: int, parallel: int) -> list[str]:
                 print(f"[{time.perf_counter() - t0:7.0f}s] {status:6s} {job.name} in {seconds:.0f}s", flush=True)
                 if rc:
                     failures.append(f"{job.name}: exit {rc}, see {job.workdir / 'train.log'}")
-                    if job.is_base:
-                        skipped = [j for j in todo if j.waits_for == job.seed]
-                        todo = [j for j in todo if j not in skipped]
-                        failures += [f"{job.name} failed: {len(skipped)} runs waiting for it were skipped"]
-                elif job.is_base:
-                    done_bases.add(job.seed)
+                    blocked, frontier = [], {job.workdir}
+                    while frontier:  # every run that copies from it, directly or through another
+                        now = [j for j in todo if j.copy_from in frontier]
+                        blocked += now
+                        frontier = {j.workdir for j in now}
+                        todo = [j for j in todo if j not in now]
+                    if blocked:
+                        failures += [f"{job.name} failed: {len(blocked)} runs waiting for it were skipped"]
+                else:
+                    done.add(job.workdir)
     return failures
 
 
@@ -267,7 +276,10 @@ def summarize(table: dict) -> list[dict]:
             acc = {task: mean_ci([r["accuracy"][task] for r in rows]) for task in tasks}
             acc["mean"] = mean_ci([_mean_accuracy(r) for r in rows])
             # Paired per seed against that seed's M1 (the decision statistic of the real-model protocol).
-            paired = [_mean_accuracy(r) - sft_by_seed[r["seed"]] for r in rows if r["seed"] in sft_by_seed]
+            # A method with its own M1 (SRLM: IFT + EFT) is measured from that M1, its starting point.
+            own_m1 = {r["seed"]: _mean_accuracy(r) for r in table.get(method, {}).get(0, [])}
+            start = own_m1 or sft_by_seed
+            paired = [_mean_accuracy(r) - start[r["seed"]] for r in rows if r["seed"] in start]
             lift = mean_ci(paired) if t > 0 and paired else None
             cons = [r["consistency"] for r in rows if r.get("consistency") and r["consistency"].get("mean") is not None]
             settings = {json.dumps(r.get("settings"), sort_keys=True) for r in rows}

@@ -98,9 +98,9 @@ def test_one_method_with_a_shared_m1_on_another_preset(tmp_path):
     jobs = paper_table.make_jobs([0, 1, 2], 2, tmp_path, [], base_gin=preset, methods=["Oracle DPO"], share_m1=True)
     assert [(j.method, j.seed, j.is_base) for j in jobs] == [("Oracle DPO", s, True) for s in (0, 1, 2)]
     first, *rest = jobs
-    assert first.copy_from is None and first.waits_for is None and "Eval.m0 = False" not in first.cmd
+    assert first.copy_from is None and "Eval.m0 = False" not in first.cmd
     for job in rest:  # M0 is evaluated once; M0/M1 come from seed 0's run
-        assert job.copy_from == first.workdir and job.copy_models == ("m0", "m1") and job.waits_for == 0
+        assert job.copy_from == first.workdir and job.copy_models == ("m0", "m1")
         assert "Eval.m0 = False" in job.cmd
     assert all(job.cmd[job.cmd.index("--gin_file") + 1] == str(REPO / preset) for job in jobs)
     with pytest.raises(ValueError, match="unknown"):
@@ -192,3 +192,30 @@ def test_method_params_reach_only_their_method():
     for bad in ["SFT.max_len = 448", "Nope: SFT.max_len = 448", "SRLM:"]:
         with pytest.raises(ValueError, match="--method_param"):
             paper_table.method_bindings([bad], ["CREAM (dyn)", "SRLM"])
+
+
+def test_share_m1_trains_a_methods_own_m1_once(tmp_path):
+    """With --share_m1, SRLM's M1 (IFT + EFT) is trained by its first seed's run and copied into its
+    other seeds' runs, which wait for it; a failure there skips only the runs that copy from it."""
+    jobs = paper_table.make_jobs([0, 1, 2], 1, tmp_path, [], methods=["CREAM (dyn)", "SRLM"], share_m1=True)
+    by = {(j.method, j.seed): j for j in jobs}
+    assert by["SRLM", 0].copy_from == by["CREAM (dyn)", 0].workdir and by["SRLM", 0].copy_models == ("m0",)
+    for seed in (1, 2):
+        assert by["SRLM", seed].copy_from == by["SRLM", 0].workdir and by["SRLM", seed].copy_models == ("m0", "m1")
+        assert "Run.seed = %d" % seed in by["SRLM", seed].cmd
+    for job in jobs:
+        fail = job.method == "SRLM" and job.seed == 0
+        job.cmd = _fake_cmd(job.workdir, None if fail else [_row(0, 0.1, 0.3), _row(1, 0.2, 0.4)], exit_code=4 if fail else 0)
+    failures = paper_table.run_all(jobs, 1, parallel=1)
+    assert failures == [f"SRLM seed 0: exit 4, see {by['SRLM', 0].workdir / 'train.log'}",
+                        "SRLM seed 0 failed: 2 runs waiting for it were skipped"]
+    assert all(by["CREAM (dyn)", s].workdir.joinpath("results.json").exists() for s in (0, 1, 2))
+    assert not by["SRLM", 1].workdir.exists()
+    # Rerun after the fix: SRLM's lift is measured from its own M1 (0.5 -> 0.6), not the shared SFT's (0.2).
+    for job in jobs:
+        if job.method == "SRLM":
+            job.cmd = _fake_cmd(job.workdir, [_row(0, 0.5, 0.5), _row(1, 0.6, 0.6)])
+    assert paper_table.run_all(jobs, 1, parallel=1) == []
+    by_row = {(s["method"], s["iteration"]): s for s in paper_table.summarize(paper_table.collect(jobs))}
+    assert by_row["SRLM", 1]["lift_vs_sft"][0] == pytest.approx(0.1)
+    assert by_row["CREAM (dyn)", 1]["lift_vs_sft"][0] == pytest.approx(0.1)  # (0.2 + 0.4) / 2 - (0.1 + 0.3) / 2
