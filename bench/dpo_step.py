@@ -83,9 +83,9 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.sampling import default_gguf, fastest_torch_threads, make_model, matmul_peak, n_params  # noqa: E402
 from cream_jax import scoring, sharding, steps  # noqa: E402
-from cream_jax.engine import batching  # noqa: E402
 from cream_jax.config import OptimConfig  # noqa: E402
 from cream_jax.data import tokenizer as tiny_tokenizer  # noqa: E402
+from cream_jax.engine import batching  # noqa: E402
 from cream_jax.models.hf import load_tokenizer, save_hf_llama  # noqa: E402
 
 BETA = 0.1

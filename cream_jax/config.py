@@ -153,7 +153,7 @@ class SCIRConfig:
     gamma: float = 0.0  # weight of the entropy (confidence) penalty
     divergence: str = "skl"  # "skl" | "bce" | "mse"
     tie_tolerance: float = 1e-3  # |Delta| at or below which the implicit preference is a tie
-    eft_pairs: bool = True  # M1 also learns the pairwise judge (EFT-style pairs of the embedded suite)
+    eft_pairs: bool = True  # M1 also learns the pairwise judge (pairs built from the EFT examples)
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ is changed per method (the hyper-parameters are fixed in METHOD_CONFIGS below, b
 accuracy was looked at). The seed (``Run.seed``) changes the model's initialisation, the data order
 and every sampling key; the data (suite, test sets) stay the same across seeds.
 
-M0 (pre-training) and M1 (SFT) do not depend on the method except that SRLM's M1 also learns to judge
-(SFT on IFT + EFT, METHODS 3.1). So per seed the CREAM (dyn) run trains M0 and M1, and the other runs
-start from copies of its ``models/m0`` (and ``models/m1``, not for SRLM): the trainer finds them in
+M0 (pre-training) and M1 (SFT) do not depend on the method except that SRLM's and SCIR's M1 also learn
+to judge (SFT on IFT + EFT, METHODS 3.1; SCIR: + pairwise judge chats). So per seed the CREAM (dyn) run
+trains M0 and M1, and the other runs start from copies of its ``models/m0`` (and ``models/m1``, not for
+SRLM and SCIR): the trainer finds them in
 its model store and skips those stages, exactly as it does when it resumes. "SFT" in the table is M1.
 With ``--methods`` the first listed method (CREAM (dyn) if listed) is the base. With ``--share_m1``
 every seed starts from the first seed's M0 and M1 (a budget cut for models whose SFT is expensive:
@@ -78,6 +79,11 @@ def trains_own_m1(method: str) -> bool:
     return any(f in METHOD_CONFIGS[method][0] for f in ("configs/srlm.gin", "configs/scir.gin"))
 
 
+def m1_label(method: str) -> str:
+    """The table's name for a method's own M1."""
+    return method + (" (M1: IFT+pairwise judge)" if "configs/scir.gin" in METHOD_CONFIGS[method][0] else " (M1: IFT+EFT)")
+
+
 def method_bindings(specs: list[str], methods: list[str]) -> dict[str, list[str]]:
     """``"METHOD: binding"`` strings (--method_param) -> {method: [binding, ...]} for the listed ``methods``
     (a known method that is not listed is skipped, so one set of flags serves invocations that grow)."""
@@ -85,9 +91,14 @@ def method_bindings(specs: list[str], methods: list[str]) -> dict[str, list[str]
     for spec in specs:
         method, sep, binding = spec.partition(":")
         method, binding = method.strip(), binding.strip()
-        if not sep or not binding or method not in METHOD_CONFIGS:
+        if not sep or "=" not in binding or method not in METHOD_CONFIGS:
             raise ValueError(f"--method_param {spec!r}: expected 'METHOD: Section.field = value' with METHOD one of "
                              f"{', '.join(METHOD_CONFIGS)}")
+        # A run that copies the base run's M1 never runs SFT: an SFT binding would only mislabel its rows.
+        if binding.split("=")[0].strip().split(".")[0] in ("SFT", "SFTOptim", "Pretrain", "PretrainOptim") \
+                and not trains_own_m1(method):
+            raise ValueError(f"--method_param {spec!r}: {method}'s runs copy the base run's M0 and M1, so a "
+                             "pre-training or SFT binding would have no effect")
         if method in methods:
             out.setdefault(method, []).append(binding)
     return out
@@ -183,7 +194,9 @@ def run_all(jobs: list[Job], iterations: int, parallel: int) -> list[str]:
         running: set[cf.Future] = set()
         while todo or running:
             ready = [j for j in todo if j.copy_from is None or j.copy_from in done]
-            ready.sort(key=lambda j: (not j.is_base, j.seed))  # bases first: they unlock the rest
+            # Runs that others copy from first (the bases, a method's own first-seed M1): they unlock the rest.
+            gates = {j.copy_from for j in todo}
+            ready.sort(key=lambda j: (not j.is_base, j.workdir not in gates, j.seed))
             for job in ready[: parallel - len(running)]:
                 todo.remove(job)
                 print(f"[{time.perf_counter() - t0:7.0f}s] start  {job.name}  (log: {job.workdir / 'train.log'})", flush=True)
@@ -286,7 +299,7 @@ def summarize(table: dict) -> list[dict]:
             if len(settings) > 1:  # seeds run with different settings are not replicates of one row
                 raise ValueError(f"{method} iteration {t}: the seeds' runs used different settings: {sorted(settings)}")
             out.append({
-                "method": method + (" (M1: IFT+EFT)" if t == 0 and method != "SFT" else ""),
+                "method": m1_label(method) if t == 0 and method != "SFT" else method,
                 "iteration": t, "model": rows[0]["model"], "seeds": [r["seed"] for r in rows],
                 "accuracy": acc,
                 "settings": rows[0].get("settings"),
@@ -326,7 +339,7 @@ def _token_cells(tokens: dict) -> list[str]:
 def markdown(summary: list[dict]) -> str:
     tasks = [k for k in summary[0]["accuracy"] if k != "mean"] if summary else []
     head = (["method", "model"] + [f"{t} acc %" for t in tasks]
-            + ["mean acc %", "lift vs SFT (pts)", "reward acc %", "consistency (mean ± std)", "pairs kept",
+            + ["mean acc %", "lift vs M1 (pts)", "reward acc %", "consistency (mean ± std)", "pairs kept",
                "answer tokens", "chosen / rejected tokens", "seeds"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
@@ -350,7 +363,7 @@ def plot(summary: list[dict], path: Path) -> None:
     methods = [m for m in ROW_ORDER if m not in ("M0", "SFT") and any(s["method"] == m for s in summary)]
     for ax, task in zip(axes, tasks, strict=False):
         for i, method in enumerate(methods):
-            own_m1 = [s for s in summary if s["method"] == f"{method} (M1: IFT+EFT)"]  # SRLM's M1 is its own
+            own_m1 = [s for s in summary if s["method"] == m1_label(method)]  # SRLM's and SCIR's M1 are their own
             rows = (own_m1 or sft) + [s for s in summary if s["method"] == method]
             xs = [s["iteration"] + (i - len(methods) / 2) * 0.03 for s in rows]
             ys = [100 * s["accuracy"][task][0] for s in rows]
@@ -406,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = summarize(collect(jobs))
     except ValueError as e:
+        for f in failures:
+            print("failed: " + f, file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not summary:

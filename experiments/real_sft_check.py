@@ -20,6 +20,7 @@ from flax import nnx
 
 from cream_jax import losses, sampling, sharding, steps
 from cream_jax.config import OptimConfig
+from cream_jax.engine import batching
 from cream_jax.data import natural, synthetic
 from cream_jax.models import gguf
 
@@ -95,8 +96,8 @@ def main() -> None:
     for s in range(args.steps):
         rows = [train[(s * args.batch + j) % len(train)] for j in range(args.batch)]
         ids, mask, lm = encode_chats(tok, rows, args.max_len)
-        batch = sharding.shard_batch({"input_ids": ids, "attention_mask": mask, "loss_mask": lm,
-                                      "weight": np.ones(args.batch, np.float32)}, mesh)
+        batch = batching.to_global({"input_ids": ids, "attention_mask": mask, "loss_mask": lm,
+                                    "weight": np.ones(args.batch, np.float32)}, mesh)
         batch["lr"] = jnp.asarray(steps.learning_rate(optim, s, args.steps), jnp.float32)
         state, metrics = step(state, batch)
         print(f"step {s}: train loss {float(metrics['loss']):.4f}", flush=True)

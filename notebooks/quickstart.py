@@ -322,7 +322,7 @@ train_step = steps.make_train_step(loss_fn, run.graphdef, optimizer, run.mesh, s
 
 n_pairs = len(next(iter(records.values())))
 multiple = sharding.batch_multiple(run.mesh) * optim.grad_accum
-rows = -(-n_pairs // multiple) * multiple  # padding rows repeat the last pair at weight 0
+rows = -(-n_pairs // multiple) * multiple  # padding rows (a copy of the last pair) get weight 0
 weight = (np.arange(rows) < n_pairs).astype(np.float32)
 batch = batching.to_global({**batching.pad_rows(records, rows), "weight": weight}, run.mesh)
 history = []

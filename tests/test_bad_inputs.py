@@ -340,8 +340,10 @@ ROW_CASES = {
     "eval_missing_label": ("test.jsonl", 3, {"label": None}, ["test.jsonl: line 4", "missing field 'label'"]),
     "eft_score_out_of_range": ("eft.jsonl", 1, {"score": 7}, ["eft.jsonl: line 2", "field 'score' must be an integer 0-5, got 7"]),
     "eft_justification_disagrees": ("eft.jsonl", 0, {"score": 4},
-                                    ["eft.jsonl: line 1", "must end with 'Score: 4' (the judgment taught), has 'Score: 5'"]),
+                                    ["eft.jsonl: line 1", "must end with 'Score: 4' (the judgment taught); its last 'Score:' label says 5"]),
     "eft_missing_justification": ("eft.jsonl", 2, {"justification": None}, ["eft.jsonl: line 3", "missing field 'justification'"]),
+    "eft_score_nan": ("eft.jsonl", 3, {"score": float("nan")}, ["eft.jsonl: line 4", "field 'score' must be an integer 0-5, got nan"]),
+    "eft_score_fractional": ("eft.jsonl", 3, {"score": 2.5}, ["eft.jsonl: line 4", "field 'score' must be an integer 0-5, got 2.5"]),
 }
 
 

@@ -270,8 +270,8 @@ def real():
 def test_real_model_smoke(real, tmp_path):
     """CI smoke: generate, one DPO step, the HF export loads in transformers with the same logits."""
     from cream_jax import sampling, scoring, sharding, steps
-    from cream_jax.engine import batching
     from cream_jax.config import OptimConfig
+    from cream_jax.engine import batching
 
     from cream_jax.models import presets
 

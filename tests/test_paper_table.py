@@ -172,6 +172,11 @@ def test_aggregate_records_the_runs_settings_and_keeps_the_bindings(tmp_path):
     assert summary["meta"]["extra_bindings"] == ["DPOOptim.learning_rate = 2e-5"] and summary["meta"]["wall_seconds"] == 12.0
     row = next(r for r in summary["rows"] if r["method"] == "Oracle DPO")
     assert row["settings"]["dpo_learning_rate"] == 2e-5 and row["settings"]["eval_num_per_task"] == 64
+    # Another aggregate-only pass keeps the per-method bindings the runs were made with, too.
+    summary["meta"]["methods"]["Oracle DPO"]["bindings"] = ["DPO.beta = 0.05"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert paper_table.main([*argv, "--aggregate_only"]) == 0
+    assert json.loads((out / "summary.json").read_text())["meta"]["methods"]["Oracle DPO"]["bindings"] == ["DPO.beta = 0.05"]
 
     # A seed run with other settings is not a replicate: aggregation refuses to pool it.
     path = jobs[1].workdir / "results.json"
@@ -180,6 +185,7 @@ def test_aggregate_records_the_runs_settings_and_keeps_the_bindings(tmp_path):
     path.write_text(json.dumps(results))
     with pytest.raises(ValueError, match="different settings"):
         paper_table.summarize(paper_table.collect(jobs))
+    assert paper_table.main([*argv, "--aggregate_only"]) == 1  # one line on stderr, exit 1
 
 
 def test_method_params_reach_only_their_method():
@@ -188,10 +194,13 @@ def test_method_params_reach_only_their_method():
     jobs = paper_table.make_jobs([0], 2, Path("/tmp/x"), [], methods=["CREAM (dyn)", "SRLM"], per_method=per_method)
     by = {j.method: j.cmd for j in jobs}
     assert "SFT.max_len = 448" in by["SRLM"] and "SFT.max_len = 448" not in by["CREAM (dyn)"]
-    assert paper_table.method_bindings(["SeRA: SFT.max_len = 448"], ["CREAM (dyn)"]) == {}  # known, not run
-    for bad in ["SFT.max_len = 448", "Nope: SFT.max_len = 448", "SRLM:"]:
+    assert paper_table.method_bindings(["SCIR: SFT.max_len = 288"], ["CREAM (dyn)"]) == {}  # known, not run
+    for bad in ["SFT.max_len = 448", "Nope: SFT.max_len = 448", "SRLM:", "SRLM: SFT.max_len"]:
         with pytest.raises(ValueError, match="--method_param"):
             paper_table.method_bindings([bad], ["CREAM (dyn)", "SRLM"])
+    # CREAM (avg) copies the base run's M1: an SFT binding would not reach any SFT.
+    with pytest.raises(ValueError, match="copy the base run's M0 and M1"):
+        paper_table.method_bindings(["CREAM (avg): SFTOptim.learning_rate = 1e-5"], ["CREAM (dyn)", "CREAM (avg)"])
 
 
 def test_share_m1_trains_a_methods_own_m1_once(tmp_path):

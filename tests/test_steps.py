@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from cream_jax import losses, scoring, sharding, steps
-from cream_jax.engine import batching
 from cream_jax.config import OptimConfig
+from cream_jax.engine import batching
 from cream_jax.models.llama import LlamaConfig
 from tests._tiny_models import TINY_LLAMA, random_batch, random_llama
 

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 BUCKETS = (32, 64, 96, 128, 256, 512, 1024, 2048, 4096, 8192)
 ON_OVERFLOW = ("error", "truncate")
 

@@ -1,4 +1,5 @@
-"""Loaders for user data with validation: SFT chats, prompt pools, eval sets, preference pairs.
+"""Loaders for user data with validation: SFT chats, prompt pools, eval sets, judge-training
+examples, preference pairs.
 
 Files are JSON (a dict keyed by uuid, or a list of rows), JSONL (one row per line) or parquet
 (read through ``datasets``). Every record is validated; a bad one raises a one-line `DataError`
@@ -20,8 +21,8 @@ Accepted schemas (output items in brackets):
   options "(A) ... (B) ...", a numeric label a number.
 * ``"judge"``: judge-training (EFT) rows ``{id?, instruction, response, score, justification,
   task?, kind?}``: ``score`` an integer 0-5 and ``justification`` the judgment the model should
-  write, ending in "Score: <score>" (SRLM's additive rubric, METHODS 3.1; the parsed score must
-  equal ``score``). [{"id", "instruction", "response", "score" (int), "justification"} (+ "task",
+  write, its last "Score: k" label giving ``score`` (SRLM's additive rubric, METHODS 3.1; the judge
+  read-out parses the last label too). [{"id", "instruction", "response", "score" (int), "justification"} (+ "task",
   "kind")]
 * ``"pairs"``: rows ``{prompt, chosen, rejected}`` (TRL style: strings, or message lists whose
   last assistant turn is the response); CREAM's DPO file ``{uuid: {"prompt", "selected",
@@ -269,15 +270,16 @@ def _parse_judge(record: dict, rid: str) -> dict:
     if "score" not in record:
         raise _Bad("missing field 'score'")
     score = record["score"]
-    if isinstance(score, bool) or not isinstance(score, (int, float)) or score != int(score) \
-            or not 0 <= score <= judge.MAX_SCORE:
+    # The range test first: it also refuses NaN and inf, which int() cannot convert.
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= judge.MAX_SCORE \
+            or score != int(score):
         raise _Bad(f"field 'score' must be an integer 0-{judge.MAX_SCORE}, got {score!r}")
     item["score"] = int(score)
     item["justification"] = _text(record, "justification")
     parsed = judge.parse_score(item["justification"])
     if parsed != item["score"]:
-        found = "no 'Score: k'" if parsed is None else f"'Score: {parsed:g}'"
-        raise _Bad(f"field 'justification' must end with 'Score: {item['score']}' (the judgment taught), has {found}")
+        found = "has no 'Score: k' label" if parsed is None else f"its last 'Score:' label says {parsed:g}"
+        raise _Bad(f"field 'justification' must end with 'Score: {item['score']}' (the judgment taught); {found}")
     return _extras(record, item, ("task", "kind"))
 
 

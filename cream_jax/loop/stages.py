@@ -65,7 +65,7 @@ class TaskData:
     pools: list[list[dict]]  # per iteration: {"id", "messages", "task", "label"}
     tests: dict[str, list[dict]]  # task -> [{"id", "messages", "label", "task"}]
     verifier: Callable[[str, str, str], float] | None  # (task, label, response) -> reward in [0, 1]
-    eft: tuple = ()  # judge-training examples (the embedded suite's), for the methods' SFT additions
+    eft: tuple = ()  # judge-training examples (the built-in suite's or Data.eft_path's), for the methods' SFT additions
 
 
 def load_task_data(cfg: RunConfig) -> TaskData:

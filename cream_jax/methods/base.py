@@ -48,7 +48,7 @@ class Context:
       key: this iteration's PRNG key for method-side sampling (e.g. sampled judgments).
       model: ``model(k)`` -> M_k as a module (k = t is the policy), loaded on demand.
       oracle: [B, R] verifier rewards of the rollout, or None without a verifier and labels.
-      eft: judge-training examples of the task data (the embedded suite's; empty for files).
+      eft: judge-training examples of the task data (the built-in suite's, or ``Data.eft_path``'s).
     """
 
     t: int
