@@ -388,6 +388,12 @@ def test_judge_examples_from_a_file_become_srlm_and_scir_judge_training(data_fil
     # another question's solution, in both orders.
     verdicts = [c[-1]["content"] for c in scir.sft_examples(data.eft)]
     assert verdicts == ["1", "2"] * 4
+    judges = {m: methods.create(dataclasses.replace(cfg, method=m)).learns_to_judge()
+              for m in ("srlm", "scir", "meta_rewarding", "cream", "sera", "dpo_oracle")}
+    assert judges == {"srlm": True, "scir": True, "meta_rewarding": True, "cream": False, "sera": False, "dpo_oracle": False}
+    for base, learns in (("srlm", True), ("cream", False)):  # length control judges as its base does
+        lc = dataclasses.replace(cfg, method="length_control", length_control=dataclasses.replace(cfg.length_control, base=base))
+        assert methods.create(lc).learns_to_judge() is learns
 
     config_lib.parse_gin([SMOKE], data_params(data_files) + ["Run.method = 'srlm'"])
     cfg = config_lib.build_run_config()
