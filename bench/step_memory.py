@@ -1,0 +1,76 @@
+"""Compiled memory of a train step at SmolLM2-135M's shape, per remat mode and gradient
+accumulation: the figures behind the SmolLM2 preset's ``Model.remat_policy`` and the stage B SCIR
+runs' ``Model.remat_policy = 'full'`` (docs/results.md).
+
+    PYTHONPATH=$PWD python bench/step_memory.py [--loss sft|dpo|scir] [--batch 16] [--length 256]
+        [--judge_length 448,768] [--remat none,full,matmuls] [--accum 1,4]
+
+``sft``: `steps.lm_loss` on ``batch x length`` rows. ``dpo``: the DPO step on ``batch`` pairs of
+``length`` tokens. ``scir``: the same pairs plus SCIR's pairwise judge prompts (both orders, one row
+each per pair, ``judge_length`` tokens), judged with gradients inside the step
+(`steps.make_scir_loss`). Abstract (no weights, `cream_jax.plan.abstract_params`), one device;
+prints ``compiled.memory_analysis()``'s argument and temporary bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from cream_jax import sharding, steps
+from cream_jax.config import OptimConfig
+from cream_jax.models import presets
+from cream_jax.plan import _rows, _scalar, abstract_params
+
+
+def make_batch(loss: str, mesh, batch: int, length: int, judge_length: int) -> dict:
+    if loss == "sft":
+        rows = {k: _rows(mesh, (batch, length)) for k in ("input_ids", "attention_mask", "loss_mask")}
+    else:
+        rows = {f"{side}_{k}": _rows(mesh, (batch, length)) for side in ("chosen", "rejected") for k in ("ids", "mask", "resp")}
+        rows.update({k: _rows(mesh, (batch,), jnp.float32) for k in ("ref_chosen", "ref_rejected", "consistency")})
+    if loss == "scir":
+        rows.update({f"judge{order}_{k}": _rows(mesh, (batch, judge_length)) for order in ("12", "21") for k in ("ids", "mask")})
+    rows["weight"] = _rows(mesh, (batch,), jnp.float32)
+    rows["lr"] = _scalar(mesh)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--loss", default="sft", choices=("sft", "dpo", "scir"))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--judge_length", default="448,768", help="scir only: comma-separated judge prompt lengths")
+    ap.add_argument("--remat", default="none,full,matmuls")
+    ap.add_argument("--accum", default="1")
+    args = ap.parse_args()
+    print(f"load {os.getloadavg()}")
+    mesh = sharding.make_mesh(1, 1, 1)
+    graphdef, params = abstract_params(presets.preset_config("smollm2_135m"), mesh)
+    optimizer = steps.make_optimizer(OptimConfig())
+    state = steps.abstract_train_state(params, optimizer)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    # The verdict ids only pick two logits; any two token ids give the same program.
+    loss_fn = {"sft": steps.lm_loss, "dpo": steps.make_dpo_loss(0.1, "sigmoid"),
+               "scir": steps.make_scir_loss(0.1, 1.0, 0.0, "skl", (16, 17), 1e-3)}[args.loss]
+    judge_lengths = [int(n) for n in args.judge_length.split(",")] if args.loss == "scir" else [0]
+    for judge_length in judge_lengths:
+        batch = make_batch(args.loss, mesh, args.batch, args.length, judge_length)
+        for remat in args.remat.split(","):
+            for accum in (int(a) for a in args.accum.split(",")):
+                tic = time.perf_counter()
+                step = steps.make_train_step(loss_fn, graphdef, optimizer, mesh, state_shardings, accum, remat=remat)
+                mem = step.lower(state, batch).compile().memory_analysis()
+                judge = f" judge {judge_length}" if judge_length else ""
+                print(f"{args.loss} batch {args.batch} x {args.length}{judge}  remat {remat:8s} accum {accum}:  "
+                      f"args {mem.argument_size_in_bytes / 1e9:.2f} GB  temp {mem.temp_size_in_bytes / 1e9:.2f} GB  "
+                      f"(compile {time.perf_counter() - tic:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
