@@ -340,7 +340,9 @@ ROW_CASES = {
     "eval_missing_label": ("test.jsonl", 3, {"label": None}, ["test.jsonl: line 4", "missing field 'label'"]),
     "eft_score_out_of_range": ("eft.jsonl", 1, {"score": 7}, ["eft.jsonl: line 2", "field 'score' must be an integer 0-5, got 7"]),
     "eft_justification_disagrees": ("eft.jsonl", 0, {"score": 4},
-                                    ["eft.jsonl: line 1", "must end with 'Score: 4' (the judgment taught); its last 'Score:' label says 5"]),
+                                    ["eft.jsonl: line 1", "must give 'Score: 4' in its last 'Score:' label (what the judge read-out parses); its last 'Score:' label says 5"]),
+    "eft_score_out_of_another_total": ("eft.jsonl", 2, {"score": 3, "justification": "Mostly right. Score: 3/10"},
+                                       ["eft.jsonl: line 3", "it has no 'Score: k' label with k in 0-5 (out of 5)"]),
     "eft_missing_justification": ("eft.jsonl", 2, {"justification": None}, ["eft.jsonl: line 3", "missing field 'justification'"]),
     "eft_score_nan": ("eft.jsonl", 3, {"score": float("nan")}, ["eft.jsonl: line 4", "field 'score' must be an integer 0-5, got nan"]),
     "eft_score_fractional": ("eft.jsonl", 3, {"score": 2.5}, ["eft.jsonl: line 4", "field 'score' must be an integer 0-5, got 2.5"]),
@@ -399,8 +401,25 @@ def test_judge_examples_from_a_file_become_srlm_and_scir_judge_training(data_fil
     cfg = config_lib.build_run_config()
     with caplog.at_level("WARNING"):
         run, _ = stages.setup(cfg, data_files.parent / "wd")
-    assert run.data.eft == () and "srlm's M1 learns to judge from EFT examples" in caplog.text
+    assert run.data.eft == () and "srlm's M1 learns to judge, but these data files bring no EFT examples" in caplog.text
     assert "Data.eft_path" in caplog.text
+
+
+def test_judge_examples_that_teach_nothing_or_are_unused_are_warned_about(data_files, caplog):
+    """SCIR builds no pairwise chats from a valid file without solutions (no kind, no row scored 5):
+    warned, as an absent file is; a method that does not learn to judge says the file is ignored."""
+    from cream_jax.loop import stages
+
+    for line in range(4):
+        _rewrite_jsonl(data_files / "eft.jsonl", line, score=2, justification="The sum is wrong. Score: 2")
+    for method, message in (("scir", "scir's M1 learns to judge, but it could build no judge-training chats from "
+                                     "the 4 EFT examples"),
+                            ("cream", "eft.jsonl is ignored: cream's M1 does not learn to judge")):
+        config_lib.parse_gin([SMOKE], data_params(data_files, eft="eft.jsonl") + [f"Run.method = '{method}'"])
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            stages.setup(config_lib.build_run_config(), data_files.parent / f"wd_{method}")
+        assert message in caplog.text
 
 
 def test_fewer_prompt_files_than_iterations(cli, workdir, data_files):

@@ -278,8 +278,10 @@ def _parse_judge(record: dict, rid: str) -> dict:
     item["justification"] = _text(record, "justification")
     parsed = judge.parse_score(item["justification"])
     if parsed != item["score"]:
-        found = "has no 'Score: k' label" if parsed is None else f"its last 'Score:' label says {parsed:g}"
-        raise _Bad(f"field 'justification' must end with 'Score: {item['score']}' (the judgment taught); {found}")
+        found = (f"it has no 'Score: k' label with k in 0-{judge.MAX_SCORE} (out of {judge.MAX_SCORE})" if parsed is None
+                 else f"its last 'Score:' label says {parsed:g}")
+        raise _Bad(f"field 'justification' must give 'Score: {item['score']}' in its last 'Score:' label (what the "
+                   f"judge read-out parses); {found}")
     return _extras(record, item, ("task", "kind"))
 
 

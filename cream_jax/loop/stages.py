@@ -269,11 +269,16 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
             f"Pretrain.seq_len) exceed the model's context of {mc.max_position_embeddings} (max_position_embeddings)"
         )
     data = load_task_data(cfg)
-    inputs = validate.count_inputs(cfg, tok, data.sft, data.pools, data.tests, inputs,
-                                   sft_added=method.sft_examples(data.eft))
-    if method.learns_to_judge() and not data.eft:
-        log.warning("%s's M1 learns to judge from EFT examples, but these data files bring none: M1 gets no judge "
-                    "training (set Data.eft_path, docs/data.md)", cfg.method)
+    sft_added = method.sft_examples(data.eft)
+    inputs = validate.count_inputs(cfg, tok, data.sft, data.pools, data.tests, inputs, sft_added=sft_added)
+    # Checked on what the method adds, not on the file: SCIR can build no pairs from a valid file
+    # (no solutions, or all on one instruction).
+    if method.learns_to_judge() and not sft_added:
+        source = ("these data files bring no EFT examples (set Data.eft_path)" if not data.eft else
+                  f"it could build no judge-training chats from the {len(data.eft)} EFT examples")
+        log.warning("%s's M1 learns to judge, but %s: M1 gets no judge training (docs/data.md)", cfg.method, source)
+    elif data.eft and not method.learns_to_judge() and cfg.data.eft_path:
+        log.warning("Data.eft_path %s is ignored: %s's M1 does not learn to judge", cfg.data.eft_path, cfg.method)
     _check_prompt_pools(cfg, tok, data)
     run = Run(
         cfg=cfg, method=method, workdir=workdir, mesh=mesh, tokenizer=tok, tokens=TokenSpec.from_tokenizer(tok),

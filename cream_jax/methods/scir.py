@@ -70,7 +70,7 @@ class SCIR(Method):
             msgs = [(rollout.instructions[i], rollout.texts[i][int(first[i])], rollout.texts[i][int(second[i])]) for i in idx]
             rendered = judge.render_pairwise_prompts(ctx.tokenizer, *zip(*msgs)) if msgs else []
             # Padded to the longest prompt (a multiple of 64), not to max_len: each train step runs the judge
-            # on both orders with gradients, and at SmolLM2's 768-token max_len that was 4x the DPO pair's tokens.
+            # on both orders with gradients, and at SmolLM2's 768-token max_len that was 3x the DPO pair's tokens.
             enc = encode_texts_left_padded(ctx.tokenizer, rendered, max_len, bucket=64,
                                            what=f"SCIR pairwise judge prompts ({name})")
             out[f"{name}_ids"], out[f"{name}_mask"] = enc["input_ids"], enc["attention_mask"]
