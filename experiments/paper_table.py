@@ -84,21 +84,34 @@ def m1_label(method: str) -> str:
     return method + (" (M1: IFT+pairwise judge)" if "configs/scir.gin" in METHOD_CONFIGS[method][0] else " (M1: IFT+EFT)")
 
 
+def base_method(methods: list[str]) -> str:
+    """The run every other method copies M0 (and, unless it trains its own, M1) from."""
+    return BASE if BASE in methods else methods[0]
+
+
 def method_bindings(specs: list[str], methods: list[str]) -> dict[str, list[str]]:
     """``"METHOD: binding"`` strings (--method_param) -> {method: [binding, ...]} for the listed ``methods``
     (a known method that is not listed is skipped, so one set of flags serves invocations that grow)."""
     out: dict[str, list[str]] = {}
+    base = base_method(methods) if methods else BASE
     for spec in specs:
         method, sep, binding = spec.partition(":")
         method, binding = method.strip(), binding.strip()
         if not sep or "=" not in binding or method not in METHOD_CONFIGS:
             raise ValueError(f"--method_param {spec!r}: expected 'METHOD: Section.field = value' with METHOD one of "
                              f"{', '.join(METHOD_CONFIGS)}")
-        # A run that copies the base run's M1 never runs SFT: an SFT binding would only mislabel its rows.
-        if binding.split("=")[0].strip().split(".")[0] in ("SFT", "SFTOptim", "Pretrain", "PretrainOptim") \
-                and not trains_own_m1(method):
-            raise ValueError(f"--method_param {spec!r}: {method}'s runs copy the base run's M0 and M1, so a "
-                             "pre-training or SFT binding would have no effect")
+        # Bindings of a stage a run does not run would only mislabel its rows: every run but the base copies
+        # M0 (no pre-training), and only the base and methods with their own M1 run SFT.
+        section = binding.split("=")[0].strip().split(".")[0]
+        if method == base and section in ("SFT", "SFTOptim", "Pretrain", "PretrainOptim"):
+            raise ValueError(f"--method_param {spec!r}: {method} is the base run, whose M0 and M1 every other "
+                             "method starts from: set it for all with --gin_param")
+        if section in ("Pretrain", "PretrainOptim") and method != base:
+            raise ValueError(f"--method_param {spec!r}: {method}'s runs copy the base run's M0, so a pre-training "
+                             "binding would have no effect")
+        if section in ("SFT", "SFTOptim") and not trains_own_m1(method):
+            raise ValueError(f"--method_param {spec!r}: {method}'s runs copy the base run's M0 and M1, so an SFT "
+                             "binding would have no effect")
         if method in methods:
             out.setdefault(method, []).append(binding)
     return out
@@ -133,7 +146,10 @@ def make_jobs(seeds: list[int], iterations: int, root: Path, extra: list[str], b
     unknown = [m for m in methods if m not in METHOD_CONFIGS]
     if unknown or not methods:
         raise ValueError(f"--methods: unknown {unknown or 'empty list'}; known: {', '.join(METHOD_CONFIGS)}")
-    base = BASE if BASE in methods else methods[0]
+    duplicates = sorted({m for m in methods if methods.count(m) > 1})
+    if duplicates:
+        raise ValueError(f"--methods: listed twice: {', '.join(duplicates)}")
+    base = base_method(methods)
     if trains_own_m1(base):
         raise ValueError(f"--methods: the base run ({base}) must use the shared M1; list another method first")
     jobs = []
@@ -166,16 +182,24 @@ def make_jobs(seeds: list[int], iterations: int, root: Path, extra: list[str], b
     return jobs
 
 
+COPY_FAILED = -1  # run_job's exit code when the models it starts from could not be copied
+
+
 def run_job(job: Job) -> tuple[Job, int, float]:
     job.workdir.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
     for name in job.copy_models:  # only before the run's first start; a resumed run has its own
         src, dst = job.copy_from / "models" / name, job.workdir / "models" / name
         if not dst.exists():
             tmp = dst.with_name(name + ".copying")
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
+            try:
+                shutil.copytree(src, tmp)
+            except OSError as e:  # e.g. a finished run whose models were deleted: this run fails, not the table
+                with open(job.workdir / "train.log", "a") as log:
+                    log.write(f"paper_table: cannot copy {name} from {src}: {e}\n")
+                return job, COPY_FAILED, time.perf_counter() - tic
             tmp.rename(dst)  # atomic: the store never sees half a model
-    tic = time.perf_counter()
     with open(job.workdir / "train.log", "a") as log:
         log.write(f"$ {shlex.join(job.cmd)}\n")
         log.flush()
@@ -207,7 +231,7 @@ def run_all(jobs: list[Job], iterations: int, parallel: int) -> list[str]:
             finished_now, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for fut in finished_now:
                 job, rc, seconds = fut.result()
-                status = "done" if rc == 0 else f"FAILED (exit {rc})"
+                status = "done" if rc == 0 else ("FAILED (model copy)" if rc == COPY_FAILED else f"FAILED (exit {rc})")
                 print(f"[{time.perf_counter() - t0:7.0f}s] {status:6s} {job.name} in {seconds:.0f}s", flush=True)
                 if rc:
                     failures.append(f"{job.name}: exit {rc}, see {job.workdir / 'train.log'}")
@@ -432,8 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         before = json.loads(previous.read_text())["meta"] if previous.exists() else {}
         wall = before.get("wall_seconds")
         extra = extra or before.get("extra_bindings", [])
+    # seeds and iterations are what this pass aggregated; how the runs' models were shared is the running pass's.
+    share_m1 = args.share_m1 or (args.aggregate_only and before.get("share_m1", False))
     meta = {"seeds": seeds, "iterations": args.iterations, "extra_bindings": extra, "wall_seconds": wall,
-            "share_m1": args.share_m1,
+            "share_m1": share_m1,
             "methods": {m: {"gin_files": [args.base_gin, *METHOD_CONFIGS[m][0]],
                             "bindings": METHOD_CONFIGS[m][1] + per_method.get(m, [])} for m in methods}}
     if args.aggregate_only and not args.method_param:  # the per-method bindings the runs were made with

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -177,6 +178,9 @@ def test_aggregate_records_the_runs_settings_and_keeps_the_bindings(tmp_path):
     (out / "summary.json").write_text(json.dumps(summary))
     assert paper_table.main([*argv, "--aggregate_only"]) == 0
     assert json.loads((out / "summary.json").read_text())["meta"]["methods"]["Oracle DPO"]["bindings"] == ["DPO.beta = 0.05"]
+    # ... and how the runs' M0/M1 were shared, when the pass itself is run without --share_m1.
+    assert paper_table.main([a for a in argv if a != "--share_m1"] + ["--aggregate_only"]) == 0
+    assert json.loads((out / "summary.json").read_text())["meta"]["share_m1"] is True
 
     # A seed run with other settings is not a replicate: aggregation refuses to pool it.
     path = jobs[1].workdir / "results.json"
@@ -201,6 +205,32 @@ def test_method_params_reach_only_their_method():
     # CREAM (avg) copies the base run's M1: an SFT binding would not reach any SFT.
     with pytest.raises(ValueError, match="copy the base run's M0 and M1"):
         paper_table.method_bindings(["CREAM (avg): SFTOptim.learning_rate = 1e-5"], ["CREAM (dyn)", "CREAM (avg)"])
+    # SRLM trains its own M1 but copies M0: pre-training bindings would not reach it.
+    with pytest.raises(ValueError, match="copy the base run's M0, so a pre-training"):
+        paper_table.method_bindings(["SRLM: Pretrain.steps = 50"], ["CREAM (dyn)", "SRLM"])
+    # The base run trains the M0 and M1 of all: its pre-training/SFT settings are everyone's (--gin_param).
+    with pytest.raises(ValueError, match="Oracle DPO is the base run.*--gin_param"):
+        paper_table.method_bindings(["Oracle DPO: SFT.epochs = 2"], ["Oracle DPO"])
+    with pytest.raises(ValueError, match="listed twice: SRLM"):
+        paper_table.make_jobs([0], 1, Path("/tmp/x"), [], methods=["CREAM (dyn)", "SRLM", "SRLM"])
+
+
+def test_a_failed_model_copy_fails_its_run_and_skips_its_dependants(tmp_path):
+    """A base run counted as finished whose models were deleted: the runs copying from it fail one
+    by one (logged), the scheduler goes on and reports them; it does not crash."""
+    jobs = paper_table.make_jobs([0, 1], 1, tmp_path, [], methods=["CREAM (dyn)", "SeRA"], share_m1=True)
+    by = {(j.method, j.seed): j for j in jobs}
+    for job in jobs:
+        job.cmd = _fake_cmd(job.workdir, [_row(0, 0.1, 0.3), _row(1, 0.2, 0.4)])
+    assert paper_table.run_all([by["CREAM (dyn)", 0]], 1, parallel=1) == []
+    shutil.rmtree(by["CREAM (dyn)", 0].workdir / "models")
+    failures = paper_table.run_all(jobs, 1, parallel=2)
+    assert f"SeRA seed 0: exit -1, see {by['SeRA', 0].workdir / 'train.log'}" in failures
+    assert "CREAM (dyn) seed 0 failed" not in " ".join(failures)
+    assert any(f.startswith("CREAM (dyn) seed 1: exit -1") for f in failures)
+    assert "CREAM (dyn) seed 1 failed: 1 runs waiting for it were skipped" in failures  # SeRA seed 1, not run
+    assert "cannot copy m0" in (by["SeRA", 0].workdir / "train.log").read_text()
+    assert not (by["SeRA", 1].workdir / "train.log").exists()
 
 
 def test_share_m1_trains_a_methods_own_m1_once(tmp_path):
