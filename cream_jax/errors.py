@@ -10,6 +10,7 @@ exactly one line on stderr, ``error: <what>: <why>``, where <why> names the fiel
   ModelError     model        5      the model folder or tokenizer (config.json, safetensors, vocab)
   CheckpointError checkpoint  6      a checkpoint or model snapshot that cannot be written or read
   FilesystemError filesystem  7      the workdir (not a directory, read-only) or any OSError
+  OutOfMemory    memory       8      XLA ran out of device or host memory (RESOURCE_EXHAUSTED)
   Interrupted    interrupted  130    Ctrl-C (SIGINT) or SIGTERM; the last committed checkpoint is kept
   (anything else) internal    1      a bug: one line too; CREAM_JAX_TRACEBACK=1 prints the traceback
 
@@ -67,6 +68,16 @@ class FilesystemError(CreamError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
+class OutOfMemory(CreamError, RuntimeError):
+    what, exit_code = "memory", 8
+
+
+# XLA's out-of-memory errors (XlaRuntimeError / JaxRuntimeError on TPU, GPU and CPU) carry this status.
+_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory")
+_OOM_ADVICE = ("size the phases with `python -m cream_jax.plan`, then lower the batch sizes or set "
+               "Model.remat_policy = 'full' (docs/errors.md); the last committed checkpoint is kept")
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT / SIGTERM: a BaseException, so no ``except Exception`` in library code swallows it."""
 
@@ -74,7 +85,8 @@ class Interrupted(KeyboardInterrupt):
     exit_code = 130
 
 
-CLASSES: tuple[type, ...] = (ConfigError, Divergence, DataError, ModelError, CheckpointError, FilesystemError, Interrupted)
+CLASSES: tuple[type, ...] = (ConfigError, Divergence, DataError, ModelError, CheckpointError, FilesystemError,
+                             OutOfMemory, Interrupted)
 
 # Plain ValueErrors raised by older library code name their class in a "<what>: " prefix.
 _PREFIXES = {"config": ConfigError, "gin": ConfigError, "--gin_file": ConfigError, "data": DataError,
@@ -108,6 +120,8 @@ def classify(exc: BaseException) -> tuple[int, str]:
         where = exc.filename if exc.filename is not None else ""
         why = exc.strerror or one_line(exc)
         return FilesystemError.exit_code, f"error: filesystem: {where}: {why}" if where else f"error: filesystem: {why}"
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MARKERS):
+        return OutOfMemory.exit_code, f"error: {OutOfMemory.what}: {one_line(exc, 300)}; {_OOM_ADVICE}"
     return INTERNAL_EXIT, (f"error: internal: {type(exc).__name__}: {one_line(exc)} "
                            f"(a bug; {TRACEBACK_ENV}=1 prints the traceback)")
 

@@ -699,6 +699,22 @@ def test_traceback_env_prints_the_traceback(capsys, monkeypatch):
     assert "Traceback" in err and err.strip().splitlines()[-1] == "error: data: x.json: bad"
 
 
+def test_out_of_memory_is_one_line_with_what_to_do():
+    """A real XLA allocation failure (4 TiB on the CPU backend) is exit 8 with the planner named, not 'a bug'."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        jax.jit(lambda: jnp.ones((2**40,), jnp.float32))().block_until_ready()
+    except Exception as e:  # noqa: BLE001 - whatever XLA raises is what the CLI sees
+        code, line = errors.classify(e)
+    else:
+        pytest.skip("this machine allocated 4 TiB")
+    assert code == errors.OutOfMemory.exit_code == 8
+    assert line.startswith("error: memory: RESOURCE_EXHAUSTED") and "python -m cream_jax.plan" in line
+    assert "\n" not in line and "a bug" not in line
+
+
 def test_exit_codes_are_distinct():
     codes = [cls.exit_code for cls in errors.CLASSES]
     assert len(set(codes)) == len(codes) and errors.INTERNAL_EXIT not in codes

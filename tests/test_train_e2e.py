@@ -72,6 +72,12 @@ def test_kill_during_iteration_then_resume_equals_uninterrupted(smoke_run, tmp_p
     killed = cli(workdir, env_extra={"CREAM_JAX_KILL_AT": "iteration:1:train:1"}, check=False)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (workdir / "models" / "m2").exists()
+    # What the killed run logged after its checkpoint (here: a step it never reached) is replayed, not kept.
+    from cream_jax.loop.trainer import global_step
+
+    after = global_step({"stage": "iteration", "iteration": 1}, 3)
+    with open(workdir / "logs" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": after, "wall_time": 0.0, "iter1/train/loss": 123.0}) + "\n")
     resumed = cli(workdir)
     assert "stage M0" not in resumed.stderr and "stage M1" not in resumed.stderr
     assert "resuming from checkpoint" in resumed.stderr
@@ -82,6 +88,28 @@ def test_kill_during_iteration_then_resume_equals_uninterrupted(smoke_run, tmp_p
     import jax
 
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+    # The steps replayed after the checkpoint are logged once (the interrupted run's lines are purged).
+    lines = [json.loads(line) for line in (workdir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in lines if any(k.startswith("iter1/train/") for k in r)]
+    assert train_steps and len(train_steps) == len(set(train_steps)), train_steps
+    assert not any(r.get("iter1/train/loss") == 123.0 for r in lines)
+
+
+def test_a_finished_iteration_without_its_model_runs_again(smoke_run, tmp_path):
+    """M3 missing (a run killed before its write committed, or a damaged snapshot moved aside):
+    iteration 2 is recomputed from M2 with the same keys, and gives the same M3 and rows."""
+    reference, _ = smoke_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "models" / "m3")
+    again = cli(workdir)
+    assert "M3, the output of iteration 2, is not in" in again.stderr and "stage M1" not in again.stderr
+    assert comparable(json.loads((workdir / "results.json").read_text())) == comparable(
+        json.loads((reference / "results.json").read_text()))
+    import jax
+
+    for x, y in zip(jax.tree.leaves(load_params(reference, "m3")), jax.tree.leaves(load_params(workdir, "m3"))):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
 
 

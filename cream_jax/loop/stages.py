@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -202,6 +203,10 @@ class Run:
         return self.store.load(name, target)
 
     def save(self, state: dict, progress: dict, extra: dict | None = None) -> None:
+        # A checkpoint says which stages are done; the models they wrote must be on disk before it is
+        # (a run killed in between would otherwise resume past a model that was never committed).
+        self.store.wait()
+        self.writer.flush()  # and the logs up to it: a SIGKILL loses nothing logged before a checkpoint
         self.save_counter += 1
         progress = {**progress, "results": self.results, "save_counter": self.save_counter}
         self.ckpt.save(self.save_counter, state, progress, extra or {})
@@ -377,12 +382,24 @@ def run_loop(cfg: RunConfig, workdir: str | os.PathLike) -> dict:
     try:
         out = _run_stages(run)
     finally:  # pending asynchronous checkpoint writes finish (or fail) before the process exits
-        run.ckpt.close()
-        run.store.close()
-        run.writer.close()
+        _close_all(run.ckpt.close, run.store.close, run.writer.close)
     print(metrics.format_table(out))
     print(f"total {time.perf_counter() - total_tic:.1f}s; results in {run.workdir / 'results.json'}")
     return out
+
+
+def _close_all(*closers) -> None:
+    """Calls every closer; re-raises the first failure after the others ran. Inside a ``finally``
+    it only raises when the stages did not (a stage's error is the one reported)."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            log.warning("clean-up: %s", e)
+            first = first or e
+    if first is not None and sys.exc_info()[1] is None:
+        raise first
 
 
 def _run_stages(run: Run) -> dict:
@@ -394,14 +411,22 @@ def _run_stages(run: Run) -> dict:
     progress = resume["progress"] if resume else {"stage": "pretrain", "iteration": 0, "phase": "train", "step": 0}
     run.results = list(progress.get("results", []))
     run.save_counter = int(progress.get("save_counter", 0))
+    if resume:  # steps after the checkpoint are replayed: drop what the interrupted run logged of them
+        run.writer.close()
+        run.writer = run.trainer.writer = metrics.MetricWriter(
+            run.workdir / "logs", purge_step=trainer_lib.global_step(progress, int(progress.get("step", 0)) + 1))
     key = jax.random.key(cfg.seed)
     abstract = _abstract(params0)
 
     def resume_at(stage: str, iteration: int = 0) -> dict | None:
-        """The checkpoint's train state if it was taken inside this stage's training."""
-        if resume and progress["stage"] == stage and progress.get("iteration", 0) == iteration and progress.get("phase") == "train":
-            return resume
-        return None
+        """The checkpoint's train state if it was taken inside this stage's training (handed over once:
+        the trainer consumes it; a stage skipped because its model exists lets it go)."""
+        nonlocal resume
+        found = resume if (resume and progress["stage"] == stage and progress.get("iteration", 0) == iteration
+                           and progress.get("phase") == "train") else None
+        if found is not None or (resume and progress["stage"] == stage):
+            resume = None  # a train state (params + optimizer moments) held past its stage is dead memory
+        return found
 
     stage_seconds: dict[str, float] = {}  # of the stages this process ran (for row 0)
     # Stage M0: the embedded tiny LLaMA is pre-trained; an HF checkpoint is M0 as loaded.
@@ -420,6 +445,9 @@ def _run_stages(run: Run) -> dict:
         else:
             m0 = params0
         run.put_model("m0", m0)
+    resume_at("pretrain")  # done with: nothing later resumes into pre-training
+    run.models["policy"] = m0  # the initial params (a random init for the embedded model) are not needed now
+    del params0
     if cfg.keep_models_resident:
         run.keep_resident("m0", m0)
     # The baseline row: M0 as given (the embedded toy's M0 has never seen a chat, so it is skipped by default).
@@ -446,10 +474,11 @@ def _run_stages(run: Run) -> dict:
             progress_base={"stage": "sft"}, resume=resume_at("sft"), seed=cfg.seed + 1)
         stage_seconds["sft"] = time.perf_counter() - tic
         run.put_model("m1", m1)
+    resume_at("sft")
     run.models["policy"] = m1
     if cfg.keep_models_resident:
         run.keep_resident("m1", m1)
-    del m0, params0  # M0 stays only as run.models["m0"], its compute-dtype copy (or on disk)
+    del m0  # M0 stays only as run.models["m0"], its compute-dtype copy (or on disk)
     if not any(r["iteration"] == 0 for r in run.results):
         tic = time.perf_counter()
         acc, samples, answer_tokens = evaluate_model(run, m1, jax.random.fold_in(key, 0))
@@ -464,6 +493,13 @@ def _run_stages(run: Run) -> dict:
     # Iterations t = 1..T: M_t -> M_{t+1}.
     policy = m1
     for t in range(1, cfg.iterations + 1):
+        if any(r["iteration"] == t for r in run.results) and not run.store.exists(f"m{t + 1}"):
+            # Killed before its write committed (older versions), or a damaged snapshot moved aside:
+            # the iteration is recomputed from M_t (same keys: the same M_{t+1}), and every later one.
+            log.warning("resume: M%d, the output of iteration %d, is not in %s: iterations %d-%d run again",
+                        t + 1, t, run.store.directory, t, cfg.iterations)
+            run.results = [r for r in run.results if r["iteration"] < t]
+            resume = None
         if any(r["iteration"] == t for r in run.results):
             policy = run.store.load(f"m{t + 1}", abstract)
             run.models["policy"] = policy
