@@ -678,7 +678,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_run_info(
-    directory: str | os.PathLike, *, config_text: str, config_hash: str, git_hash: str | None
+    directory: str | os.PathLike, *, config_text: str, config_hash: str, git_hash: str | None,
+    config: dict | None = None,
 ) -> None:
     """Writes ``operative_config.gin`` and ``run.json`` (hash, git hash, versions, times).
 
@@ -701,6 +702,8 @@ def write_run_info(
         "last_started": now,
         "versions": {"jax": jax.__version__, "orbax-checkpoint": ocp.__version__, "numpy": np.__version__},
     }
+    if config is not None:  # the values behind the hash: a refused resume names the fields that differ
+        info["config"] = config
     _atomic_write_text(directory / OPERATIVE_CONFIG_FILE, config_text)
     _atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
 
@@ -715,8 +718,13 @@ def _read_run_info(path: Path) -> dict:
     return info
 
 
-def check_run_matches(directory: str | os.PathLike, config_hash: str) -> bool:
+def check_run_matches(directory: str | os.PathLike, config_hash: str, config: dict | None = None) -> bool:
     """Refuses to resume a workdir written by another config.
+
+    Args:
+      config: the new config as a nested dict (``config.to_dict``): the error then names the fields
+        that differ from the saved ones (``run.json``, or ``results.json`` of workdirs written before
+        run.json kept them).
 
     Returns:
       False if the workdir has no ``run.json`` (a fresh run), True if it matches.
@@ -727,13 +735,39 @@ def check_run_matches(directory: str | os.PathLike, config_hash: str) -> bool:
     info_path = Path(directory) / RUN_INFO_FILE
     if not info_path.exists():
         return False
-    saved = _read_run_info(info_path).get("config_hash")
+    info = _read_run_info(info_path)
+    saved = info.get("config_hash")
     if saved != config_hash:
+        changed = ""
+        old = info.get("config") or _results_config(Path(directory))
+        if config is not None and old is not None:
+            diffs = config_differences(old, json.loads(json.dumps(config, default=str)))
+            if diffs:
+                more = f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""
+                changed = "; changed: " + ", ".join(diffs[:5]) + more
         raise ValueError(
-            f"workdir {directory} was created by a different config (hash {saved} != {config_hash}); "
+            f"workdir {directory} was created by a different config (hash {saved} != {config_hash}){changed}; "
             "use a new --workdir or the same config"
         )
     return True
+
+
+def _results_config(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / "results.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``"path: old -> new"`` for every leaf of two nested config dicts that differs (fields only
+    one side has, e.g. added in a newer version, read as "(absent)")."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += config_differences(old.get(k, "(absent)"), new.get(k, "(absent)"), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 # ---------------------------------------------------------------------------------------------

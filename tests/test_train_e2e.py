@@ -125,6 +125,14 @@ def test_finished_workdir_reruns_nothing_and_other_config_is_refused(smoke_run, 
     assert other.returncode == 2
     line = other.stderr.strip().splitlines()[-1]
     assert line.startswith("error: config: workdir") and "different config" in line
+    assert "changed: dpo.beta: 0.1 -> 0.5;" in line, line  # the field, not only two hashes
+    # A workdir whose run.json predates the saved config: the values come from results.json.
+    info = json.loads((workdir / "run.json").read_text())
+    del info["config"]
+    (workdir / "run.json").write_text(json.dumps(info))
+    other = cli(workdir, "--gin_param", "DPO.beta = 0.5", "--gin_param", "Eval.batch_size = 4", check=False)
+    line = other.stderr.strip().splitlines()[-1]
+    assert other.returncode == 2 and "changed: dpo.beta: 0.1 -> 0.5, eval.batch_size: 8 -> 4;" in line, line
 
 
 @pytest.mark.parametrize(

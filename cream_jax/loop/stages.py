@@ -263,7 +263,7 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
     method = methods.create(cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.check_run_matches(workdir, config_lib.fingerprint(cfg))
+    checkpoint.check_run_matches(workdir, config_lib.fingerprint(cfg), config_lib.to_dict(cfg))
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tok, mc, model = _tokenizer_and_model(cfg, mesh)
     graphdef, params = nnx.split(model)
@@ -405,6 +405,7 @@ def _close_all(*closers) -> None:
 def _run_stages(run: Run) -> dict:
     cfg = run.cfg
     checkpoint.write_run_info(run.workdir, config_text=_config_text(cfg), config_hash=config_lib.fingerprint(cfg),
+                              config=json.loads(json.dumps(config_lib.to_dict(cfg), default=str)),
                               git_hash=checkpoint.git_hash())
     params0 = run.models["policy"]  # the initial (or loaded) params
     resume = _load_resume(run, params0)
