@@ -160,7 +160,9 @@ class Run:
 
     def keep_resident(self, name: str, params) -> None:
         """Holds ``params`` on the mesh; with ``m{k}``, models older than M_{k-1} other than M0 are
-        dropped: no method reads more than M0, M_{t-1} and M_t at iteration t (METHODS section 0).
+        dropped: no method reads more than M0, M_{t-1} and M_t at iteration t (METHODS section 0),
+        except with ``Reward.reward_reference = "previous"``, whose M_{t-1} ranking needs M_{t-2}:
+        `get_model` reads that one from the store each iteration (slower, same scores).
         The older models kept (M0, M_{k-1}) are only scored from then on: they are held as their
         compute-dtype copy (`scored_copy`), M_k (the next policy, trained) as given."""
         self.models[name] = params
