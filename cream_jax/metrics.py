@@ -417,6 +417,16 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join([render(header), rule] + [render(line) for line in body])
 
 
+def log_eval_items(directory: str | os.PathLike, iteration: int, items: list[Mapping[str, Any]]) -> Path:
+    """Writes ``samples/eval_<t>.jsonl``: one record per evaluated item (t = -1 for M0, 0 for M1, t
+    for M_{t+1}), replaced as a whole (a resumed evaluation rewrites it)."""
+    path = Path(directory) / "samples" / f"eval_{int(iteration)}.jsonl"
+    lines = [json.dumps(_plain(s, f"log_eval_items: items[{i}]", strict=True), ensure_ascii=False) for i, s in enumerate(items)]
+    if _is_primary():
+        _atomic_write(path, "".join(line + "\n" for line in lines))
+    return path
+
+
 def log_samples(directory: str | os.PathLike, iteration: int, samples: list[Mapping[str, Any]]) -> Path:
     """Writes ``samples/iter_<t>.jsonl``: one JSON object per sample (e.g. prompt, responses,
     rewards, chosen, rejected), replaced as a whole (a resumed iteration rewrites it).

@@ -39,7 +39,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def evaluate(run, params, key, n: int) -> dict:
-    acc, samples, _ = stages.evaluate_model(run, params, key)
+    acc, samples, _ = stages.evaluate_model(run, params, key, 0)  # also writes samples/eval_0.jsonl
     out = {}
     by_q = {s["question"]: s["answer"] for s in samples}
     for task, items in run.data.tests.items():

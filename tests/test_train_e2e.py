@@ -63,6 +63,12 @@ def test_cli_writes_every_output(smoke_run):
     assert "config_hash" in json.loads((workdir / "run.json").read_text())
     assert list((workdir / "logs").glob("events.out.tfevents.*"))
     assert (workdir / "samples" / "iter_1.jsonl").exists()
+    # Every evaluated item, per model: its records reproduce the row's accuracy.
+    for row in rows:
+        items = [json.loads(line) for line in (workdir / "samples" / f"eval_{row['iteration']}.jsonl").read_text().splitlines()]
+        assert len(items) == 16 and {"id", "task", "question", "response", "prediction", "label", "correct"} <= set(items[0])
+        for task, accuracy in row["accuracy"].items():
+            assert np.mean([r["correct"] for r in items if r["task"] == task]) == pytest.approx(accuracy)
     assert "consistency" in proc.stdout and "M2" in proc.stdout  # the final table
 
 

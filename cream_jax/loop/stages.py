@@ -303,9 +303,10 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
 # Evaluation.
 
 
-def evaluate_model(run: Run, params: Any, key: jax.Array) -> tuple[dict, list, float | None]:
+def evaluate_model(run: Run, params: Any, key: jax.Array, iteration: int) -> tuple[dict, list, float | None]:
     """Greedy accuracy per test set, a few (question, answer) samples for the log, and the answers'
-    mean length in tokens."""
+    mean length in tokens. Every item's record (id, task, response, prediction, label, correct) goes
+    to ``samples/eval_<iteration>.jsonl``, so accuracy can be split by item after the run."""
     cfg = run.cfg
     model = run.model(params)
     samples: list = []
@@ -327,7 +328,10 @@ def evaluate_model(run: Run, params: Any, key: jax.Array) -> tuple[dict, list, f
     tests = run.data.tests
     if cfg.eval.num_per_task:
         tests = {k: v[: cfg.eval.num_per_task] for k, v in tests.items()}
-    acc = evaluate.evaluate(generate_fn, tests, batch_size=cfg.eval.batch_size)
+    acc, outputs = evaluate.evaluate(generate_fn, tests, batch_size=cfg.eval.batch_size, return_outputs=True)
+    questions = {item["id"]: item.get("question") for items in tests.values() for item in items}
+    metrics.log_eval_items(run.workdir, iteration, [{"task": task, "question": questions.get(r["id"]), **r}
+                                                    for task, rs in outputs.items() for r in rs])
     mean_tokens = float(np.mean(answer_tokens)) if answer_tokens else None
     return {k: float(v) for k, v in acc.items()}, samples[: cfg.eval.num_logged_samples], mean_tokens
 
@@ -457,7 +461,7 @@ def _run_stages(run: Run) -> dict:
     evaluate_m0 = cfg.eval.m0 if cfg.eval.m0 is not None else cfg.model.source != "embedded"
     if evaluate_m0 and not any(r["iteration"] == -1 for r in run.results):
         tic = time.perf_counter()
-        acc, samples, answer_tokens = evaluate_model(run, m0, key)
+        acc, samples, answer_tokens = evaluate_model(run, m0, key, -1)
         run.results.append({"iteration": -1, "model": "M0", "accuracy": acc, "reward_accuracy": None,
                             "consistency": None, "pairs_kept": None, "response_tokens": {"eval": answer_tokens},
                             "seconds": {"eval": time.perf_counter() - tic}})
@@ -484,7 +488,7 @@ def _run_stages(run: Run) -> dict:
     del m0  # M0 stays only as run.models["m0"], its compute-dtype copy (or on disk)
     if not any(r["iteration"] == 0 for r in run.results):
         tic = time.perf_counter()
-        acc, samples, answer_tokens = evaluate_model(run, m1, jax.random.fold_in(key, 0))
+        acc, samples, answer_tokens = evaluate_model(run, m1, jax.random.fold_in(key, 0), 0)
         run.results.append({"iteration": 0, "model": "M1", "accuracy": acc, "reward_accuracy": None,
                             "consistency": None, "pairs_kept": None, "response_tokens": {"eval": answer_tokens},
                             "seconds": {"setup": run.setup_seconds, **stage_seconds, "eval": time.perf_counter() - tic},
@@ -536,7 +540,7 @@ def _run_iteration(run: Run, t: int, policy: Any, it_key: jax.Array, res: dict |
         seed=cfg.seed + 100 + t, exact_epochs=True)
     train_seconds = time.perf_counter() - tic
     tic = time.perf_counter()
-    acc, samples, answer_tokens = evaluate_model(run, new_policy, jax.random.fold_in(it_key, 1))
+    acc, samples, answer_tokens = evaluate_model(run, new_policy, jax.random.fold_in(it_key, 1), t)
     eval_seconds = time.perf_counter() - tic
     run.put_model(f"m{t + 1}", new_policy)
     if cfg.export_hf:
