@@ -30,3 +30,28 @@ def test_the_sum_baseline_is_right_exactly_on_the_addition_only_items(tmp_path, 
     assert any("M2" in line and "add-only" in line and " 35  100.0" in line for line in out), out
     assert any("with sub" in line and " 29    0.0" in line for line in out), out
     assert script.main(["--root", str(tmp_path / "nothing")]) == 1
+
+
+def test_eval_saved_models_rewrites_the_records_of_a_finished_run(smoke_run, tmp_path):
+    """A run without per-item records (made before they existed): its saved models are evaluated
+    again from the command in its train.log, with the accuracies of its own rows."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests._cli import SMOKE
+
+    reference, _ = smoke_run
+    workdir = tmp_path / "old_run"
+    shutil.copytree(reference, workdir)
+    for f in (workdir / "samples").glob("eval_*.jsonl"):
+        f.unlink()
+    (workdir / "train.log").write_text(f"$ {sys.executable} -m cream_jax.train --workdir {workdir} --gin_file {SMOKE}\n")
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "eval_saved_models.py"), str(workdir)],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" same; wrote ") == 3 and "DIFFERENT" not in proc.stdout  # M1, M2, M3
+    rows = json.loads((workdir / "results.json").read_text())["iterations"]
+    for row in rows:
+        items = [json.loads(line) for line in (workdir / "samples" / f"eval_{row['iteration']}.jsonl").read_text().splitlines()]
+        assert sum(r["correct"] for r in items if r["task"] == "arith") == round(row["accuracy"]["arith"] * 8)
