@@ -67,6 +67,7 @@ def test_cli_writes_every_output(smoke_run):
     for row in rows:
         items = [json.loads(line) for line in (workdir / "samples" / f"eval_{row['iteration']}.jsonl").read_text().splitlines()]
         assert len(items) == 16 and {"id", "task", "question", "response", "prediction", "label", "correct"} <= set(items[0])
+        assert all(isinstance(r["question"], str) and r["question"] for r in items)
         for task, accuracy in row["accuracy"].items():
             assert np.mean([r["correct"] for r in items if r["task"] == task]) == pytest.approx(accuracy)
     assert "consistency" in proc.stdout and "M2" in proc.stdout  # the final table

@@ -329,7 +329,8 @@ def evaluate_model(run: Run, params: Any, key: jax.Array, iteration: int) -> tup
     if cfg.eval.num_per_task:
         tests = {k: v[: cfg.eval.num_per_task] for k, v in tests.items()}
     acc, outputs = evaluate.evaluate(generate_fn, tests, batch_size=cfg.eval.batch_size, return_outputs=True)
-    questions = {item["id"]: item.get("question") for items in tests.values() for item in items}
+    questions = {item["id"]: item.get("question") or item["messages"][-1]["content"] if "messages" in item
+                 else item.get("question") for items in tests.values() for item in items}
     metrics.log_eval_items(run.workdir, iteration, [{"task": task, "question": questions.get(r["id"]), **r}
                                                     for task, rs in outputs.items() for r in rs])
     mean_tokens = float(np.mean(answer_tokens)) if answer_tokens else None
