@@ -265,7 +265,7 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
     method = methods.create(cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.check_run_matches(workdir, config_lib.fingerprint(cfg), config_lib.to_json_dict(cfg))
+    checkpoint.check_run_matches(workdir, config_lib.fingerprint(cfg), config_lib.to_dict(cfg))
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tok, mc, model = _tokenizer_and_model(cfg, mesh)
     graphdef, params = nnx.split(model)
@@ -329,7 +329,10 @@ def evaluate_model(run: Run, params: Any, key: jax.Array, iteration: int) -> tup
     if cfg.eval.num_per_task:
         tests = {k: v[: cfg.eval.num_per_task] for k, v in tests.items()}
     acc, outputs = evaluate.evaluate(generate_fn, tests, batch_size=cfg.eval.batch_size, return_outputs=True)
-    metrics.log_eval_items(run.workdir, iteration, [{"task": task, **r} for task, rs in outputs.items() for r in rs])
+    questions = {item["id"]: item.get("question") or item["messages"][-1]["content"] if "messages" in item
+                 else item.get("question") for items in tests.values() for item in items}
+    metrics.log_eval_items(run.workdir, iteration, [{"task": task, "question": questions.get(r["id"]), **r}
+                                                    for task, rs in outputs.items() for r in rs])
     mean_tokens = float(np.mean(answer_tokens)) if answer_tokens else None
     return {k: float(v) for k, v in acc.items()}, samples[: cfg.eval.num_logged_samples], mean_tokens
 
@@ -409,7 +412,7 @@ def _close_all(*closers) -> None:
 def _run_stages(run: Run) -> dict:
     cfg = run.cfg
     checkpoint.write_run_info(run.workdir, config_text=_config_text(cfg), config_hash=config_lib.fingerprint(cfg),
-                              config=config_lib.to_json_dict(cfg),
+                              config=json.loads(json.dumps(config_lib.to_dict(cfg), default=str)),
                               git_hash=checkpoint.git_hash())
     params0 = run.models["policy"]  # the initial (or loaded) params
     resume = _load_resume(run, params0)
@@ -424,10 +427,14 @@ def _run_stages(run: Run) -> dict:
     abstract = _abstract(params0)
 
     def resume_at(stage: str, iteration: int = 0) -> dict | None:
-        """The checkpoint's train state if it was taken inside this stage's training."""
-        if resume and progress["stage"] == stage and progress.get("iteration", 0) == iteration and progress.get("phase") == "train":
-            return resume
-        return None
+        """The checkpoint's train state if it was taken inside this stage's training (handed over once:
+        the trainer consumes it; a stage skipped because its model exists lets it go)."""
+        nonlocal resume
+        found = resume if (resume and progress["stage"] == stage and progress.get("iteration", 0) == iteration
+                           and progress.get("phase") == "train") else None
+        if found is not None or (resume and progress["stage"] == stage):
+            resume = None  # a train state (params + optimizer moments) held past its stage is dead memory
+        return found
 
     stage_seconds: dict[str, float] = {}  # of the stages this process ran (for row 0)
     # Stage M0: the embedded tiny LLaMA is pre-trained; an HF checkpoint is M0 as loaded.
@@ -446,8 +453,7 @@ def _run_stages(run: Run) -> dict:
         else:
             m0 = params0
         run.put_model("m0", m0)
-    if progress["stage"] == "pretrain":  # used, or M0 existed: a train state held past its stage is dead memory
-        resume = None
+    resume_at("pretrain")  # done with: nothing later resumes into pre-training
     run.models["policy"] = m0  # the initial params (a random init for the embedded model) are not needed now
     del params0
     if cfg.keep_models_resident:
@@ -476,8 +482,7 @@ def _run_stages(run: Run) -> dict:
             progress_base={"stage": "sft"}, resume=resume_at("sft"), seed=cfg.seed + 1)
         stage_seconds["sft"] = time.perf_counter() - tic
         run.put_model("m1", m1)
-    if progress["stage"] == "sft":
-        resume = None
+    resume_at("sft")
     run.models["policy"] = m1
     if cfg.keep_models_resident:
         run.keep_resident("m1", m1)
