@@ -722,7 +722,7 @@ def check_run_matches(directory: str | os.PathLike, config_hash: str, config: di
     """Refuses to resume a workdir written by another config.
 
     Args:
-      config: the new config as a nested dict (``config.to_dict``): the error then names the fields
+      config: the new config as a JSON-plain nested dict (``config.to_json_dict``): the error then names the fields
         that differ from the saved ones (``run.json``, or ``results.json`` of workdirs written before
         run.json kept them).
 
@@ -741,7 +741,7 @@ def check_run_matches(directory: str | os.PathLike, config_hash: str, config: di
         changed = ""
         old = info.get("config") or _results_config(Path(directory))
         if config is not None and old is not None:
-            diffs = config_differences(old, json.loads(json.dumps(config, default=str)))
+            diffs = config_differences(old, config)
             if diffs:
                 more = f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""
                 changed = "; changed: " + ", ".join(diffs[:5]) + more

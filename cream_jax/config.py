@@ -261,6 +261,11 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def to_json_dict(cfg: RunConfig) -> dict:
+    """``to_dict`` with every value JSON-plain (what run.json and results.json hold)."""
+    return json.loads(json.dumps(to_dict(cfg), default=str))
+
+
 def fingerprint(cfg: RunConfig) -> str:
     """Stable hash of everything that changes results (used to refuse a mismatched workdir)."""
     text = json.dumps(to_dict(cfg), sort_keys=True, default=str)

@@ -278,8 +278,8 @@ def evaluate(
         step. ..." instruction); empty for the embedded suite, whose format is learned in SFT.
       score_fn: if given, multiple-choice tasks are answered by `select_by_likelihood` over the
         options parsed from the question (or an item's "options" list) instead of by generation.
-      return_outputs: also return, per task, one record per item {id, response, prediction,
-        label, correct} ("response" is None for likelihood-scored items).
+      return_outputs: also return, per task, one record per item {id, question (the prompt's last
+        user turn), response, prediction, label, correct} ("response" is None for likelihood-scored items).
 
     Returns:
       ``{task: accuracy}`` (and the per-item records if ``return_outputs``).
@@ -312,7 +312,8 @@ def evaluate(
             correct = [is_correct(r, item["label"], kind, extractor) for r, item in zip(responses, items)]
         results[task] = float(np.mean(correct))
         records[task] = [
-            {"id": item.get("id"), "response": r, "prediction": p, "label": item["label"], "correct": bool(c)}
-            for item, r, p, c in zip(items, responses, predictions, correct)
+            {"id": item.get("id"), "question": prompt[-1]["content"], "response": r, "prediction": p,
+             "label": item["label"], "correct": bool(c)}
+            for item, prompt, r, p, c in zip(items, prompts, responses, predictions, correct)
         ]
     return (results, records) if return_outputs else results

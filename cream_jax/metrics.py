@@ -420,11 +420,7 @@ def format_table(results: Mapping[str, Any]) -> str:
 def log_eval_items(directory: str | os.PathLike, iteration: int, items: list[Mapping[str, Any]]) -> Path:
     """Writes ``samples/eval_<t>.jsonl``: one record per evaluated item (t = -1 for M0, 0 for M1, t
     for M_{t+1}), replaced as a whole (a resumed evaluation rewrites it)."""
-    path = Path(directory) / "samples" / f"eval_{int(iteration)}.jsonl"
-    lines = [json.dumps(_plain(s, f"log_eval_items: items[{i}]", strict=True), ensure_ascii=False) for i, s in enumerate(items)]
-    if _is_primary():
-        _atomic_write(path, "".join(line + "\n" for line in lines))
-    return path
+    return _write_records(Path(directory) / "samples" / f"eval_{int(iteration)}.jsonl", items, "log_eval_items: items")
 
 
 def log_samples(directory: str | os.PathLike, iteration: int, samples: list[Mapping[str, Any]]) -> Path:
@@ -436,8 +432,12 @@ def log_samples(directory: str | os.PathLike, iteration: int, samples: list[Mapp
     """
     if not isinstance(samples, list) or not all(isinstance(s, Mapping) for s in samples):
         raise ValueError("log_samples: samples must be a list of dicts")
-    path = Path(directory) / "samples" / f"iter_{int(iteration)}.jsonl"
-    lines = [json.dumps(_plain(s, f"log_samples: samples[{i}]", strict=True), ensure_ascii=False) for i, s in enumerate(samples)]
+    return _write_records(Path(directory) / "samples" / f"iter_{int(iteration)}.jsonl", samples, "log_samples: samples")
+
+
+def _write_records(path: Path, records: list[Mapping[str, Any]], what: str) -> Path:
+    """One JSON line per record, the file replaced atomically, by the primary process only."""
+    lines = [json.dumps(_plain(s, f"{what}[{i}]", strict=True), ensure_ascii=False) for i, s in enumerate(records)]
     if _is_primary():
         _atomic_write(path, "".join(line + "\n" for line in lines))
     return path

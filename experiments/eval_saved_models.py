@@ -21,19 +21,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def local_config(path: str) -> str:
     """A gin file of the run's command: as written if it exists here, else this checkout's copy."""
-    p = Path(path)
-    if p.exists() or "configs" not in p.parts:
+    parts = Path(path).parts
+    if Path(path).exists() or "configs" not in parts:
         return path
-    parts = p.parts
-    return str(REPO.joinpath(*parts[len(parts) - 1 - parts[::-1].index("configs"):]))
+    return str(REPO.joinpath(*parts[parts.index("configs"):]))
 
 
 def run_command_args(workdir: Path) -> tuple[list[str], list[str]]:
@@ -72,15 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             if tasks:
                 run.data = dataclasses.replace(run.data, tests={t: run.data.tests[t] for t in tasks})
             abstract = stages._abstract(params0)
+            store = checkpoint.ModelStore(workdir / "models")
             for row in results["iterations"]:
                 k = row["iteration"] + 1
                 name = f"m{k}"
                 if not (workdir / "models" / name).exists():
                     print(f"{workdir} {name}: no saved model, skipped")
                     continue
-                store = checkpoint.ModelStore(workdir / "models")
                 params = store.load(name, abstract)
-                store.close()
                 acc, _, _ = stages.evaluate_model(run, params, jax.random.key(0), row["iteration"])
                 out = workdir / "samples" / f"eval_{row['iteration']}.jsonl"
                 out.parent.mkdir(exist_ok=True)
@@ -90,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{workdir} {row['model']}: accuracy {acc} (run's row: "
                       f"{ {t: row['accuracy'][t] for t in acc} }) {'same' if same else 'DIFFERENT'}; wrote {out}",
                       flush=True)
+            store.close()
             run.ckpt.close()
             run.store.close()
             run.writer.close()

@@ -147,7 +147,7 @@ def test_evaluate_batches_and_scores():
     assert acc == {"arith": pytest.approx(1 / 3)}
     assert calls == [2, 1]  # the last batch is not padded here (the engine pads to its mesh bucket)
     assert [o["correct"] for o in outputs["arith"]] == [True, False, False]
-    assert outputs["arith"][1]["prediction"] == "5"
+    assert outputs["arith"][1]["prediction"] == "5" and outputs["arith"][1]["question"] == "q2"
     calls.clear()
     assert evaluate(generate_fn, sets, batch_size=10**9) == acc  # one call of the set's size, no padding
     assert calls == [3]

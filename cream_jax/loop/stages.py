@@ -265,7 +265,7 @@ def setup(cfg: RunConfig, workdir: str | os.PathLike) -> tuple[Run, Any]:
     method = methods.create(cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.check_run_matches(workdir, config_lib.fingerprint(cfg), config_lib.to_dict(cfg))
+    checkpoint.check_run_matches(workdir, config_lib.fingerprint(cfg), config_lib.to_json_dict(cfg))
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tok, mc, model = _tokenizer_and_model(cfg, mesh)
     graphdef, params = nnx.split(model)
@@ -329,10 +329,7 @@ def evaluate_model(run: Run, params: Any, key: jax.Array, iteration: int) -> tup
     if cfg.eval.num_per_task:
         tests = {k: v[: cfg.eval.num_per_task] for k, v in tests.items()}
     acc, outputs = evaluate.evaluate(generate_fn, tests, batch_size=cfg.eval.batch_size, return_outputs=True)
-    questions = {item["id"]: item.get("question") or item["messages"][-1]["content"] if "messages" in item
-                 else item.get("question") for items in tests.values() for item in items}
-    metrics.log_eval_items(run.workdir, iteration, [{"task": task, "question": questions.get(r["id"]), **r}
-                                                    for task, rs in outputs.items() for r in rs])
+    metrics.log_eval_items(run.workdir, iteration, [{"task": task, **r} for task, rs in outputs.items() for r in rs])
     mean_tokens = float(np.mean(answer_tokens)) if answer_tokens else None
     return {k: float(v) for k, v in acc.items()}, samples[: cfg.eval.num_logged_samples], mean_tokens
 
@@ -412,7 +409,7 @@ def _close_all(*closers) -> None:
 def _run_stages(run: Run) -> dict:
     cfg = run.cfg
     checkpoint.write_run_info(run.workdir, config_text=_config_text(cfg), config_hash=config_lib.fingerprint(cfg),
-                              config=json.loads(json.dumps(config_lib.to_dict(cfg), default=str)),
+                              config=config_lib.to_json_dict(cfg),
                               git_hash=checkpoint.git_hash())
     params0 = run.models["policy"]  # the initial (or loaded) params
     resume = _load_resume(run, params0)
