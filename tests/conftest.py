@@ -16,6 +16,12 @@ import tempfile  # noqa: E402
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cream_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+import signal  # noqa: E402
+
+# A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so would
+# every process it starts: the Ctrl-C tests need Python's own handler (a child gets SIG_DFL at exec).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import pytest  # noqa: E402
 
 
