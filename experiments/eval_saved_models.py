@@ -30,7 +30,8 @@ def local_config(path: str) -> str:
     parts = Path(path).parts
     if Path(path).exists() or "configs" not in parts:
         return path
-    return str(REPO.joinpath(*parts[parts.index("configs"):]))
+    last = len(parts) - 1 - parts[::-1].index("configs")  # the checkout's own configs/, not a parent folder's
+    return str(REPO.joinpath(*parts[last:]))
 
 
 def run_command_args(workdir: Path) -> tuple[list[str], list[str]]:
@@ -68,29 +69,38 @@ def main(argv: list[str] | None = None) -> int:
             run, params0 = stages.setup(cfg, Path(tmp) / "run")
             if tasks:
                 run.data = dataclasses.replace(run.data, tests={t: run.data.tests[t] for t in tasks})
-            abstract = stages._abstract(params0)
             store = checkpoint.ModelStore(workdir / "models")
-            for row in results["iterations"]:
-                k = row["iteration"] + 1
-                name = f"m{k}"
-                if not (workdir / "models" / name).exists():
-                    print(f"{workdir} {name}: no saved model, skipped")
-                    continue
-                params = store.load(name, abstract)
-                acc, _, _ = stages.evaluate_model(run, params, jax.random.key(0), row["iteration"])
-                out = workdir / "samples" / f"eval_{row['iteration']}.jsonl"
-                out.parent.mkdir(exist_ok=True)
-                shutil.copyfile(Path(tmp) / "run" / "samples" / f"eval_{row['iteration']}.jsonl", out)
-                same = all(abs(acc[t] - row["accuracy"][t]) < 1e-9 for t in acc)
-                failures += not same
-                print(f"{workdir} {row['model']}: accuracy {acc} (run's row: "
-                      f"{ {t: row['accuracy'][t] for t in acc} }) {'same' if same else 'DIFFERENT'}; wrote {out}",
-                      flush=True)
-            store.close()
-            run.ckpt.close()
-            run.store.close()
-            run.writer.close()
+            try:
+                failures += _evaluate_saved(workdir, results, run, store, stages._abstract(params0))
+            finally:
+                stages._close_all(store.close, run.ckpt.close, run.store.close, run.writer.close)
     return 1 if failures else 0
+
+
+def _evaluate_saved(workdir: Path, results: dict, run, store, abstract) -> int:
+    """Evaluates every saved M_k of ``workdir`` again (``run`` set up in a scratch workdir, whose
+    records are copied into ``workdir/samples``); returns how many accuracies differ from the run's rows."""
+    import jax  # noqa: PLC0415 - imported by main already; lazy for an instant --help
+
+    from cream_jax.loop import stages  # noqa: PLC0415
+
+    failures = 0
+    for row in results["iterations"]:
+        name = f"m{row['iteration'] + 1}"
+        if not (workdir / "models" / name).exists():
+            print(f"{workdir} {name}: no saved model, skipped")
+            continue
+        params = store.load(name, abstract)
+        acc, _, _ = stages.evaluate_model(run, params, jax.random.key(0), row["iteration"])
+        out = workdir / "samples" / f"eval_{row['iteration']}.jsonl"
+        out.parent.mkdir(exist_ok=True)
+        shutil.copyfile(run.workdir / "samples" / f"eval_{row['iteration']}.jsonl", out)
+        same = all(abs(acc[t] - row["accuracy"][t]) < 1e-9 for t in acc)
+        failures += not same
+        print(f"{workdir} {row['model']}: accuracy {acc} (run's row: "
+              f"{ {t: row['accuracy'][t] for t in acc} }) {'same' if same else 'DIFFERENT'}; wrote {out}",
+              flush=True)
+    return failures
 
 
 if __name__ == "__main__":

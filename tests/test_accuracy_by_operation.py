@@ -55,3 +55,13 @@ def test_eval_saved_models_rewrites_the_records_of_a_finished_run(smoke_run, tmp
     for row in rows:
         items = [json.loads(line) for line in (workdir / "samples" / f"eval_{row['iteration']}.jsonl").read_text().splitlines()]
         assert sum(r["correct"] for r in items if r["task"] == "arith") == round(row["accuracy"]["arith"] * 8)
+
+
+def test_eval_saved_models_maps_a_moved_run_config_to_this_checkout():
+    spec = importlib.util.spec_from_file_location("eval_saved_models", REPO / "experiments" / "eval_saved_models.py")
+    eval_saved_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_saved_models)
+    # The run's checkout lived under another folder named configs: its own configs/ is the last one.
+    moved = "/elsewhere/configs/old_checkout/configs/models/smollm2_135m_instruct.gin"
+    assert eval_saved_models.local_config(moved) == str(REPO / "configs" / "models" / "smollm2_135m_instruct.gin")
+    assert eval_saved_models.local_config("/elsewhere/x.gin") == "/elsewhere/x.gin"  # no configs/: left as written

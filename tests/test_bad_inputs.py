@@ -700,8 +700,9 @@ def test_traceback_env_prints_the_traceback(capsys, monkeypatch):
 
 
 def test_out_of_memory_is_one_line_with_what_to_do():
-    """A real XLA allocation failure is exit 8 with the planner named, not 'a bug'. 4 PiB: more than
-    any address space, so it fails whatever the machine's memory overcommit policy."""
+    """A real XLA allocation failure is exit 8 with the planner named, not 'a bug'. 4 PiB: beyond a
+    48-bit virtual address space (256 TiB), so it fails whatever the overcommit policy (a machine with
+    5-level paging that maps it skips)."""
     import jax
     import jax.numpy as jnp
 
