@@ -28,6 +28,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A hazard of XLA:CPU's in-process collectives that no cream_jax or XLA setting tried here cures: now
+# and then one execution of a training-step program (M0 pre-training or M1 SFT) of the 1-process x
+# 8-device run stalls, some devices waiting in different collectives (an all-gather, an all-reduce,
+# a collective-permute) for devices that never arrive, and XLA aborts the process after 40 s
+# ("Termination timeout for `all reduce RendezvousKey{...}`"). CI hit it once, in the kill/resume
+# test below. tests/xla_cpu_rendezvous_ab.sh reproduces it on this 2-core machine with two such runs
+# at a time beside a training job (load 5-18): aborted 4 of 10 with the test's flags, 2 of 4 with
+# synchronous CPU dispatch (jax_cpu_enable_async_dispatch=False), 3 of 8 with XLA's own compile
+# flags; the whole test failed 2 of 4 times with a 32-thread XLA:CPU pool (PJRT_NPROC=32). gdb at one
+# stall: all 8 device executions in flight, 25 of the 32 pool threads idle, 3 devices in no
+# collective. It is timing-dependent (with only the test running, it passed 2 of 2 here), so a test
+# whose processes hit it reruns in a fresh directory (pytest-rerunfailures, only on the message
+# below); any other failure, or a hang without XLA's abort, fails at once.
+XLA_CPU_DEADLOCK = "XLA:CPU aborted a collective rendezvous"
+rerun_on_xla_cpu_deadlock = pytest.mark.flaky(reruns=2, only_rerun=[XLA_CPU_DEADLOCK])
+
+
 def _start(argv: list[str], log: Path, devices: int, **env) -> subprocess.Popen:
     """``python argv`` on ``devices`` fake CPU devices (stdout and stderr to ``log``)."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +84,9 @@ def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 
     if timed_out or any(p.returncode != returncode for p in procs):
         tails = "\n".join(f"--- {f}\n" + f.read_text()[-3000:] for f in logs)
         what = f"timed out after {timeout}s" if timed_out else f"exit codes {[p.returncode for p in procs]}, wanted {returncode}"
+        aborted = [f.name for f in logs if "Termination timeout for" in f.read_text()]
+        if aborted:
+            what = f"{XLA_CPU_DEADLOCK} in {', '.join(aborted)} (see rerun_on_xla_cpu_deadlock); {what}"
         pytest.fail(f"{what}\n{tails}")
 
 
@@ -95,6 +115,7 @@ def _assert_transformers_logits_match(path: str) -> None:
 
 
 @pytest.mark.slow
+@rerun_on_xla_cpu_deadlock
 def test_two_processes_equal_one_and_checkpoint_restores_resharded(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
     # Arrays on devices 4..7 of this one process: the 2-process run has no such devices (process 1's
@@ -180,17 +201,14 @@ def _cli(workdir: Path, log: Path, devices: int, **env) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+@rerun_on_xla_cpu_deadlock
 def test_cli_two_processes_killed_mid_iteration_resume_equal_to_one_process(tmp_path):
     multi, single, logs = tmp_path / "multi", tmp_path / "single", tmp_path / "logs"
     killed_logs = [logs / f"killed_{i}.txt" for i in range(2)]
     killed = _two_processes(lambda i, env: _cli(multi, killed_logs[i], 4, CREAM_JAX_KILL_AT="iteration:1:train:1", **env))
     reference = _cli(single, logs / "single.txt", 8)  # 1 process x 8 devices, uninterrupted
     # Both SIGKILL themselves after that checkpoint (3 processes share the machine: a loaded CI runner
-    # needs minutes; a timeout fails as one, not as the expected SIGKILL). Known hazard, not ours: on a
-    # 2-core machine also running a training job, 1 run in ~10 hung here in XLA:CPU's in-process
-    # collective rendezvous (one execution's threads all blocked in different collectives, e.g. an
-    # all-reduce, an all-gather and a collective-permute, then "Termination timeout"); unloaded, and
-    # in CI, it has not happened.
+    # needs minutes; a timeout fails as one, not as the expected SIGKILL).
     _wait_all(killed, killed_logs, timeout=600, returncode=-9)
     for log in killed_logs:
         assert "CREAM_JAX_KILL_AT=iteration:1:train:1: checkpoint" in log.read_text(), _key_lines(log)
