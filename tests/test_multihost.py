@@ -39,10 +39,11 @@ def _free_port() -> int:
 # XLA's own compile flags; the whole test failed 2 of 4 times with a 32-thread XLA:CPU pool
 # (PJRT_NPROC=32). gdb at one stall: all 8 device executions in flight, 25 of the 32 pool threads
 # idle, 3 devices in no collective. (2) The 2-process runs can hang instead, with no abort (their
-# cross-process collectives are gloo's): twice here in M1 SFT, at load 4-8. Both are
-# timing-dependent (with only the test running, it passed 2 of 2 here), so a test whose processes
-# hit either reruns in a fresh directory (pytest-rerunfailures, twice, only on the two messages
-# below; pytest's summary counts the reruns); any other failure fails at once.
+# cross-process collectives are gloo's): three times here (twice in M1 SFT, once in M0
+# pre-training), at load 3-8. Both are timing-dependent (with only the test running, it passed 2 of
+# 2 here), so a test whose processes hit either reruns in a fresh directory (pytest-rerunfailures,
+# twice, only on the two messages below; pytest's summary counts the reruns); any other failure
+# fails at once.
 XLA_CPU_DEADLOCK = "XLA:CPU aborted a collective rendezvous"
 MULTI_PROCESS_HANG = "a multi-process test run hung"
 rerun_on_cpu_collective_hazard = pytest.mark.flaky(reruns=2, only_rerun=[XLA_CPU_DEADLOCK, MULTI_PROCESS_HANG])
