@@ -35,15 +35,15 @@ def _free_port() -> int:
 # ("Termination timeout for `all reduce RendezvousKey{...}`"). CI hit it once, in the kill/resume
 # test below. tests/xla_cpu_rendezvous_ab.sh reproduces it on this 2-core machine with two such runs
 # at a time beside a training job and other test runs (load 5-18): aborted 4 of 10 with the test's
-# flags, 2 of 4 with synchronous CPU dispatch (jax_cpu_enable_async_dispatch=False), 3 of 8 with
-# XLA's own compile flags; the whole test failed 2 of 4 times with a 32-thread XLA:CPU pool
-# (PJRT_NPROC=32). gdb at one stall: all 8 device executions in flight, 25 of the 32 pool threads
-# idle, 3 devices in no collective. (2) The 2-process runs can hang instead, with no abort (their
-# cross-process collectives are gloo's): three times here (twice in M1 SFT, once in M0
-# pre-training), at load 3-8. Both are timing-dependent (with only the test running, it passed 2 of
-# 2 here), so a test whose processes hit either reruns in a fresh directory (pytest-rerunfailures,
-# twice, only on the two messages below; pytest's summary counts the reruns); any other failure
-# fails at once.
+# flags, 2 of 6 with synchronous CPU dispatch (jax_cpu_enable_async_dispatch=False), 3 of 8 with
+# XLA's own compile flags, 0 of 2 with a 32-thread XLA:CPU pool (PJRT_NPROC=32), with which the
+# whole test still failed 2 of 4 times. gdb at one stall: all 8 device executions in flight, 25 of
+# the 32 pool threads idle, 3 devices in no collective. (2) The 2-process runs can hang instead,
+# with no abort (their cross-process collectives are gloo's): three times here (twice in M1 SFT,
+# once in M0 pre-training), at load 3-8. Both are timing-dependent (with only the test running, it
+# passed 2 of 2 here), so a test whose processes hit either reruns in a fresh directory
+# (pytest-rerunfailures, twice, only on the two messages below; pytest's summary counts the reruns);
+# any other failure fails at once.
 XLA_CPU_DEADLOCK = "XLA:CPU aborted a collective rendezvous"
 MULTI_PROCESS_HANG = "a multi-process test run hung"
 rerun_on_cpu_collective_hazard = pytest.mark.flaky(reruns=2, only_rerun=[XLA_CPU_DEADLOCK, MULTI_PROCESS_HANG])
@@ -70,6 +70,13 @@ def _two_processes(start, **env) -> list[subprocess.Popen]:
             for i in range(2)]
 
 
+def _kill_running(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 240, returncode: int = 0,
               others: tuple[subprocess.Popen, ...] = ()) -> None:
     """Waits for ``procs``; fails with the tails of ``logs`` unless every one exited with ``returncode``
@@ -83,18 +90,13 @@ def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_running(procs)
     if timed_out or any(p.returncode != returncode for p in procs):
-        for p in others:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        tails = "\n".join(f"--- {f}\n" + f.read_text()[-3000:] for f in logs)
+        _kill_running(others)
+        texts = {f: f.read_text() for f in logs}
+        tails = "\n".join(f"--- {f}\n" + text[-3000:] for f, text in texts.items())
         what = f"{MULTI_PROCESS_HANG}: timed out after {timeout}s" if timed_out else f"exit codes {[p.returncode for p in procs]}, wanted {returncode}"
-        aborted = [f.name for f in logs if "Termination timeout for" in f.read_text()]
+        aborted = [f.name for f, text in texts.items() if "Termination timeout for" in text]
         if aborted:
             what = f"{XLA_CPU_DEADLOCK} in {', '.join(aborted)}; {what}"
         pytest.fail(f"{what}\n{tails}")

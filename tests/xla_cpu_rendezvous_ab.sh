@@ -8,7 +8,7 @@
 set -u
 ROUNDS=${1:-4}
 OUT=${OUT:-/tmp/xla_cpu_rendezvous_ab}
-FAST="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FAST=$(python -c "from tests._fast_xla import FAST_XLA; print(FAST_XLA)")
 export JAX_PLATFORMS=cpu CREAM_JAX_NO_PROGRESS=1 PYTHONPATH=$PWD
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/cream_jax_test_xla_cache} JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2
 ARGS=(--gin_file tests/configs/smoke.gin --gin_param "Run.iterations = 1" --gin_param "Mesh.data = 2" --gin_param "Mesh.fsdp = 2"
