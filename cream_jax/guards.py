@@ -65,6 +65,16 @@ class DivergenceGuard:
         self.start_norm = param_norm(params)
         self.history: dict[str, list[float]] = {"loss": [], "grad_norm": []}
 
+    def state(self) -> dict:
+        """The running history, JSON-able: a mid-phase checkpoint keeps it, so a resumed phase
+        compares against the same median as an uninterrupted one (not a fresh warm-up)."""
+        return {k: list(v) for k, v in self.history.items()}
+
+    def restore(self, state: dict | None) -> None:
+        """Continues from `state` (None: a checkpoint written before the guard was kept)."""
+        if state is not None:
+            self.history = {k: [float(x) for x in state.get(k, [])] for k in self.history}
+
     def _fail(self, what: str) -> None:
         where = f"; the last good checkpoint is kept in {self.keep}" if self.keep else ""
         raise Divergence(f"{self.phase}: {what}{where}. Lower the learning rate (or raise the Guard.* limit)")
