@@ -3,19 +3,25 @@ accumulation: the figures behind the SmolLM2 preset's ``Model.remat_policy`` and
 runs' ``Model.remat_policy = 'full'`` (docs/results.md).
 
     PYTHONPATH=$PWD python bench/step_memory.py [--loss sft|dpo|scir] [--batch 16] [--length 256]
-        [--judge_length 448,768] [--remat none,full,matmuls] [--accum 1,4]
+        [--judge_length 448,768] [--remat none,full,matmuls] [--accum 1,4] [--mesh 2,2,2]
 
 ``sft``: `steps.lm_loss` on ``batch x length`` rows. ``dpo``: the DPO step on ``batch`` pairs of
 ``length`` tokens. ``scir``: the same pairs plus SCIR's pairwise judge prompts (both orders, one row
 each per pair, ``judge_length`` tokens), judged with gradients inside the step
 (`steps.make_scir_loss`). Abstract (no weights, `cream_jax.plan.abstract_params`), one device;
 prints ``compiled.memory_analysis()``'s argument and temporary bytes.
+
+``--mesh data,fsdp,tensor`` compiles the step for that mesh instead (fake CPU devices:
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``); the figures are then per device, and the
+bytes each collective family produces on a device are printed too (the sum of its result shapes
+in the compiled HLO).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 import jax
@@ -40,6 +46,31 @@ def make_batch(loss: str, mesh, batch: int, length: int, judge_length: int) -> d
     return rows
 
 
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1}
+_SHAPE = r"((?:f32|bf16|f16|s32|u32|pred)\[[\d,]*\])"
+
+
+def _nbytes(shape: str) -> int:
+    """Bytes of one HLO array shape such as ``f32[8,256,576]``."""
+    dtype, dims = shape[:-1].split("[")
+    n = _BYTES[dtype]
+    for d in filter(None, dims.split(",")):
+        n *= int(d)
+    return n
+
+
+def collectives(hlo: str) -> str:
+    """MB of results per collective family in a compiled program's HLO (tuple results counted whole).
+
+    XLA:CPU does not turn an all-reduce followed by a slice into a reduce-scatter as the GPU and
+    TPU pipelines do, so on fake CPU devices the all-reduce figure is an upper bound."""
+    out = []
+    for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"):
+        shapes = [s for line in re.findall(r"= (.*?) %s(?:-start)?\(" % op, hlo) for s in re.findall(_SHAPE, line)]
+        out.append(f"{op} {sum(map(_nbytes, shapes)) / 2**20:.1f} MB")
+    return ", ".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--loss", default="sft", choices=("sft", "dpo", "scir"))
@@ -48,9 +79,10 @@ def main() -> None:
     ap.add_argument("--judge_length", default="448,768", help="scir only: comma-separated judge prompt lengths")
     ap.add_argument("--remat", default="none,full,matmuls")
     ap.add_argument("--accum", default="1")
+    ap.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor")
     args = ap.parse_args()
     print(f"load {os.getloadavg()}")
-    mesh = sharding.make_mesh(1, 1, 1)
+    mesh = sharding.make_mesh(*(int(n) for n in args.mesh.split(",")))
     graphdef, params = abstract_params(presets.preset_config("smollm2_135m"), mesh)
     optimizer = steps.make_optimizer(OptimConfig())
     state = steps.abstract_train_state(params, optimizer)
@@ -65,11 +97,14 @@ def main() -> None:
             for accum in (int(a) for a in args.accum.split(",")):
                 tic = time.perf_counter()
                 step = steps.make_train_step(loss_fn, graphdef, optimizer, mesh, state_shardings, accum, remat=remat)
-                mem = step.lower(state, batch).compile().memory_analysis()
+                compiled = step.lower(state, batch).compile()
+                mem = compiled.memory_analysis()
                 judge = f" judge {judge_length}" if judge_length else ""
                 print(f"{args.loss} batch {args.batch} x {args.length}{judge}  remat {remat:8s} accum {accum}:  "
                       f"args {mem.argument_size_in_bytes / 1e9:.2f} GB  temp {mem.temp_size_in_bytes / 1e9:.2f} GB  "
                       f"(compile {time.perf_counter() - tic:.0f} s)", flush=True)
+                if mesh.size > 1:
+                    print(f"  per device: {collectives(compiled.as_text())}", flush=True)
 
 
 if __name__ == "__main__":
