@@ -4,6 +4,7 @@ and the preference loader's exact epochs."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -116,6 +117,29 @@ def test_cream_weights_by_consistency_and_sera_keeps_the_top_margins():
     np.testing.assert_array_equal(sel.weight, 1.0)
     boot = preference.bootstrap_pairs(jnp.asarray(r_now), ratio=0.5, response_ids=jnp.asarray(ro.tokens))
     np.testing.assert_array_equal(np.asarray(boot.status), np.asarray(sel.pairs.status))
+
+
+def test_srlm_judges_with_m_t_and_m_t_minus_1_unless_its_consistency_is_off(monkeypatch):
+    from cream_jax.engine import judging
+
+    calls = []
+
+    def fake_judge_scores(model, tokenizer, instructions, responses, **kwargs):
+        calls.append(model)
+        return np.full((len(responses), len(responses[0])), float(model), np.float32), 2
+
+    monkeypatch.setattr(judging, "judge_scores", fake_judge_scores)
+    ctx = type("Ctx", (), {"t": 2, "key": jax.random.key(0), "tokenizer": None, "tokens": None,
+                           "model": staticmethod(lambda k: k)})()
+    rollout = type("Rollout", (), {"instructions": ["q1", "q2"], "texts": [["a", "b"], ["c", "d"]]})()
+    rewards = method("srlm").rewards(ctx, rollout, None)
+    assert calls == [2, 1] and rewards.judge_parse_failures == 2
+    np.testing.assert_array_equal(rewards.current, 2.0)
+    np.testing.assert_array_equal(rewards.previous, 1.0)
+    calls.clear()
+    rewards = method("srlm", srlm=config_lib.SRLMConfig(judge_consistency=False)).rewards(ctx, rollout, None)
+    assert calls == [2] and rewards.previous is None  # no reported consistency, as the oracle
+    np.testing.assert_array_equal(rewards.current, 2.0)
 
 
 def test_scir_pairwise_eft_chats_put_the_better_response_at_the_verdict():
