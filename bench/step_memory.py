@@ -13,8 +13,8 @@ prints ``compiled.memory_analysis()``'s argument and temporary bytes.
 
 ``--mesh data,fsdp,tensor`` compiles the step for that mesh instead (fake CPU devices:
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``); the figures are then per device, and the
-bytes each collective family produces on a device are printed too (the sum of its result shapes
-in the compiled HLO).
+bytes each collective family produces on a device per step are printed too (its result shapes in
+the compiled HLO, a loop body's counted once per iteration).
 """
 
 from __future__ import annotations
@@ -46,29 +46,73 @@ def make_batch(loss: str, mesh, batch: int, length: int, judge_length: int) -> d
     return rows
 
 
-_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1}
-_SHAPE = r"((?:f32|bf16|f16|s32|u32|pred)\[[\d,]*\])"
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+_SHAPE = r"\b(%s)\[([\d,]*)\]" % "|".join(_BYTES)
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def _nbytes(shape: str) -> int:
-    """Bytes of one HLO array shape such as ``f32[8,256,576]``."""
-    dtype, dims = shape[:-1].split("[")
+def _nbytes(dtype: str, dims: str) -> int:
     n = _BYTES[dtype]
     for d in filter(None, dims.split(",")):
         n *= int(d)
     return n
 
 
-def collectives(hlo: str) -> str:
-    """MB of results per collective family in a compiled program's HLO (tuple results counted whole).
+def _executions(hlo: str) -> dict[str, int]:
+    """How many times each computation of a compiled module runs per call: a while loop's body its
+    known trip count (the layer scan: once per layer), every other callee once per caller run."""
+    computations, callers, current = {}, {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
+        if head:
+            current = "ENTRY" if head.group(1) else head.group(2)
+            computations[current] = []
+            continue
+        if current is None:
+            continue
+        trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
+        for kind, callee in re.findall(r"\b(body|condition|calls|to_apply)=%([\w.\-]+)", line):
+            times = int(trips.group(1)) if trips and kind in ("body", "condition") else 1
+            callers.setdefault(callee, []).append((current, times))
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+            for callee in re.findall(r"%([\w.\-]+)", group):
+                callers.setdefault(callee, []).append((current, 1))
 
-    XLA:CPU does not turn an all-reduce followed by a slice into a reduce-scatter as the GPU and
-    TPU pipelines do, so on fake CPU devices the all-reduce figure is an upper bound."""
-    out = []
-    for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"):
-        shapes = [s for line in re.findall(r"= (.*?) %s(?:-start)?\(" % op, hlo) for s in re.findall(_SHAPE, line)]
-        out.append(f"{op} {sum(map(_nbytes, shapes)) / 2**20:.1f} MB")
-    return ", ".join(out)
+    memo = {"ENTRY": 1}
+
+    def runs(name: str) -> int:
+        if name not in memo:
+            memo[name] = 0  # a cycle-free call graph; this only guards against a malformed module
+            memo[name] = sum(runs(caller) * times for caller, times in callers.get(name, ()))
+        return memo[name]
+
+    return {name: runs(name) for name in computations}
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """Bytes that each collective family produces on a device per step: the result shapes in the
+    compiled HLO times how often their computation runs (loop bodies once per iteration).
+
+    Asynchronous pairs count their ``-done`` result only. XLA:CPU does not turn an all-reduce and a
+    slice into a reduce-scatter as the GPU and TPU pipelines do, so on fake CPU devices the
+    all-reduce figure is an upper bound of what those would move."""
+    runs = _executions(hlo)
+    totals = dict.fromkeys(_COLLECTIVES, 0)
+    current = None
+    for line in hlo.splitlines():
+        head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
+        if head:
+            current = "ENTRY" if head.group(1) else head.group(2)
+            continue
+        op = re.search(r"= (.*?) (%s)(-done)?\(" % "|".join(_COLLECTIVES), line)
+        if op and current is not None:
+            totals[op.group(2)] += runs.get(current, 1) * sum(_nbytes(d, dims) for d, dims in re.findall(_SHAPE, op.group(1)))
+    return totals
+
+
+def collectives(hlo: str) -> str:
+    return ", ".join(f"{op} {n / 2**20:.1f} MB" for op, n in collective_bytes(hlo).items())
 
 
 def main() -> None:

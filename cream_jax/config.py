@@ -137,7 +137,7 @@ class SRLMConfig:
     max_judgment_tokens: int = 48  # the judgment's budget (justification + "Score: k"); a real model's rubric needs ~150
     # M_{t-1} also judges the rollout, for the reported judge consistency only (it ranks nothing):
     # False skips that pass, half of SRLM's judging time, and reports no consistency.
-    judge_consistency: bool = True
+    report_consistency: bool = True
 
 
 @dataclass(frozen=True)

@@ -65,12 +65,12 @@ class DivergenceGuard:
         self.start_norm = param_norm(params)
         self.history: dict[str, list[float]] = {"loss": [], "grad_norm": []}
 
-    def state(self) -> dict:
+    def get_state(self) -> dict:
         """The running history, JSON-able: a mid-phase checkpoint keeps it, so a resumed phase
         compares against the same median as an uninterrupted one (not a fresh warm-up)."""
         return {k: list(v) for k, v in self.history.items()}
 
-    def restore(self, state: dict | None) -> None:
+    def set_state(self, state: dict | None) -> None:
         """Continues from `state` (None: a checkpoint written before the guard was kept)."""
         if state is not None:
             self.history = {k: [float(x) for x in state.get(k, [])] for k in self.history}

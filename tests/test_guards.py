@@ -1,6 +1,8 @@
 """cream_jax.guards.param_norm and checkpoint.is_finite_tree: right values on sharded trees, and one
 program per tree structure (not one eager reduction per leaf: the multi-process deadlock they fix)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +89,7 @@ def test_a_resumed_phase_keeps_the_guard_history_of_the_steps_before_its_checkpo
     straight = train()
     state, progress, extra = saves[1]
     assert progress["step"] == 4 and len(extra["guard"]["loss"]) == 4
+    extra = checkpoint._from_json(json.loads(json.dumps(checkpoint._to_json(extra, "extra"))))  # as a checkpoint keeps it
     resumed = train({"state": state, "progress": progress, "extra": extra})
     assert len(straight["loss"]) == 6 and len(straight["grad_norm"]) == 6
     np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=1e-6)

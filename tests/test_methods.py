@@ -137,7 +137,7 @@ def test_srlm_judges_with_m_t_and_m_t_minus_1_unless_its_consistency_is_off(monk
     np.testing.assert_array_equal(rewards.current, 2.0)
     np.testing.assert_array_equal(rewards.previous, 1.0)
     calls.clear()
-    rewards = method("srlm", srlm=config_lib.SRLMConfig(judge_consistency=False)).rewards(ctx, rollout, None)
+    rewards = method("srlm", srlm=config_lib.SRLMConfig(report_consistency=False)).rewards(ctx, rollout, None)
     assert calls == [2] and rewards.previous is None  # no reported consistency, as the oracle
     np.testing.assert_array_equal(rewards.current, 2.0)
 

@@ -115,7 +115,7 @@ class Trainer:
         if resume is not None and int(resume["progress"].get("step", 0)) > 0:
             state = resume["state"]["train"]
             loader.set_state(resume["extra"]["loader"])
-            guard.restore(resume["extra"].get("guard"))
+            guard.set_state(resume["extra"].get("guard"))
             start = int(resume["progress"]["step"])
         log_every = max(1, min(25, total_steps // 10))
         bar = metrics.progress(total=total_steps, desc=name, initial=start)
@@ -147,7 +147,7 @@ class Trainer:
                 self._check_finite(name, state, step + 1)
                 guard.check_params(step + 1, state["params"])
                 saved = {"train": state} if progress_base["stage"] != "iteration" else {"train": state, "records": records}
-                self.save(saved, {**progress_base, "phase": "train", "step": step + 1}, {"loader": loader.get_state(), "guard": guard.state()})
+                self.save(saved, {**progress_base, "phase": "train", "step": step + 1}, {"loader": loader.get_state(), "guard": guard.get_state()})
         bar.close()
         self._check_finite(name, state, total_steps)
         guard.check_params(total_steps, state["params"])

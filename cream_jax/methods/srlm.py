@@ -3,7 +3,7 @@
 SFT on the seed set plus the judge-training (EFT) examples.
 
 The reported consistency compares the same ranker across iterations: M_t's judge scores against
-M_{t-1}'s (at t = 1, M0 judging); ``SRLM.judge_consistency = False`` skips M_{t-1}'s judging, which
+M_{t-1}'s (at t = 1, M0 judging); ``SRLM.report_consistency = False`` skips M_{t-1}'s judging, which
 ranks nothing. Only M_t scores the rollout's log-probs (the DPO reference).
 """
 
@@ -43,7 +43,7 @@ class SRLM(Method):
 
     def rewards(self, ctx, rollout, logps):
         now, failures = self.judge(ctx, rollout, ctx.t, ctx.key)
-        if not self.cfg.srlm.judge_consistency:
+        if not self.cfg.srlm.report_consistency:
             return Rewards(current=now, previous=None, judge_parse_failures=failures)
         prev, _ = self.judge(ctx, rollout, ctx.t - 1, jax.random.fold_in(ctx.key, 1))
         return Rewards(current=now, previous=prev, judge_parse_failures=failures)
