@@ -59,25 +59,32 @@ def _nbytes(dtype: str, dims: str) -> int:
     return n
 
 
-def _executions(hlo: str) -> dict[str, int]:
-    """How many times each computation of a compiled module runs per call: a while loop's body its
-    known trip count (the layer scan: once per layer), every other callee once per caller run."""
-    computations, callers, current = {}, {}, None
+def _computations(hlo: str) -> dict[str, list[str]]:
+    """The instruction lines of each computation of a compiled module's text ("ENTRY" for the entry)."""
+    out, current = {}, None
     for line in hlo.splitlines():
         head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
         if head:
             current = "ENTRY" if head.group(1) else head.group(2)
-            computations[current] = []
-            continue
-        if current is None:
-            continue
-        trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
-        for kind, callee in re.findall(r"\b(body|condition|calls|to_apply)=%([\w.\-]+)", line):
-            times = int(trips.group(1)) if trips and kind in ("body", "condition") else 1
-            callers.setdefault(callee, []).append((current, times))
-        for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
-            for callee in re.findall(r"%([\w.\-]+)", group):
-                callers.setdefault(callee, []).append((current, 1))
+            out[current] = []
+        elif current is not None:
+            out[current].append(line)
+    return out
+
+
+def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
+    """How many times each computation runs per call: a while loop's body its known trip count (the
+    layer scan: once per layer), every other callee once per caller run."""
+    callers = {}
+    for name, lines in computations.items():
+        for line in lines:
+            trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
+            for kind, callee in re.findall(r"\b(body|condition|calls|to_apply)=%([\w.\-]+)", line):
+                times = int(trips.group(1)) if trips and kind in ("body", "condition") else 1
+                callers.setdefault(callee, []).append((name, times))
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                for callee in re.findall(r"%([\w.\-]+)", group):
+                    callers.setdefault(callee, []).append((name, 1))
 
     memo = {"ENTRY": 1}
 
@@ -97,17 +104,14 @@ def collective_bytes(hlo: str) -> dict[str, int]:
     Asynchronous pairs count their ``-done`` result only. XLA:CPU does not turn an all-reduce and a
     slice into a reduce-scatter as the GPU and TPU pipelines do, so on fake CPU devices the
     all-reduce figure is an upper bound of what those would move."""
-    runs = _executions(hlo)
+    computations = _computations(hlo)
+    runs = _executions(computations)
     totals = dict.fromkeys(_COLLECTIVES, 0)
-    current = None
-    for line in hlo.splitlines():
-        head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
-        if head:
-            current = "ENTRY" if head.group(1) else head.group(2)
-            continue
-        op = re.search(r"= (.*?) (%s)(-done)?\(" % "|".join(_COLLECTIVES), line)
-        if op and current is not None:
-            totals[op.group(2)] += runs.get(current, 1) * sum(_nbytes(d, dims) for d, dims in re.findall(_SHAPE, op.group(1)))
+    for name, lines in computations.items():
+        for line in lines:
+            op = re.search(r"= (.*?) (%s)(-done)?\(" % "|".join(_COLLECTIVES), line)
+            if op:
+                totals[op.group(2)] += runs[name] * sum(_nbytes(d, dims) for d, dims in re.findall(_SHAPE, op.group(1)))
     return totals
 
 

@@ -36,7 +36,7 @@ ENTRY %main (a: f32[4,8]) -> f32[16] {
 
 
 def test_loop_bodies_count_once_per_trip():
-    runs = script._executions(HLO)
+    runs = script._executions(script._computations(HLO))
     assert runs["body"] == 30 and runs["cond"] == 30 and runs["ENTRY"] == 1 and runs["add"] == 1
     got = script.collective_bytes(HLO)
     assert got["all-gather"] == 30 * 8 * 8 * 4 + 4 * 4 * 2  # the loop's f32[8,8] x 30, the async bf16[4,4] once
