@@ -8,6 +8,7 @@ and each seed both have, this prints the per-seed difference in points (the mean
 accuracy), their mean and 95% Student-t interval over the seeds, and whether that interval
 excludes 0. Runs that share M1 and seeds sample and rank the same responses at t = 1, so the
 difference isolates what the methods do differently; the seeds' own spread cancels.
+``--root_b`` reads B's runs under another root (e.g. a post-hoc variant's own root), paired by seed name.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ def accuracies(run: Path) -> dict[int, float]:
             for row in json.loads(path.read_text())["iterations"] if row.get("accuracy")}
 
 
-def compare(root: Path, a: str, b: str) -> list[dict]:
-    """One row per model both methods have on at least one seed: per-seed A - B, mean, half-width."""
+def compare(root: Path, a: str, b: str, root_b: Path | None = None) -> list[dict]:
+    """One row per model both methods have on at least one seed: per-seed A - B, mean, half-width.
+
+    B's runs are under ``root_b`` (default ``root``), matched to A's by seed directory name.
+    """
+    root_b = root if root_b is None else root_b
     seeds = sorted((p for p in root.glob("seed*") if p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
-    per_seed = {p.name: (accuracies(p / a), accuracies(p / b)) for p in seeds}
+    per_seed = {p.name: (accuracies(p / a), accuracies(root_b / p.name / b)) for p in seeds}
     rows = []
     for t in sorted({t for acc_a, acc_b in per_seed.values() for t in acc_a.keys() & acc_b.keys()}):
         diffs = {s: acc_a[t] - acc_b[t] for s, (acc_a, acc_b) in per_seed.items() if t in acc_a and t in acc_b}
@@ -48,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, required=True, help="the runs' root (seed0/, seed1/, ... below it)")
     ap.add_argument("a", help="run directory name of method A (e.g. cream_dyn)")
     ap.add_argument("b", help="run directory name of method B (e.g. cream_avg)")
+    ap.add_argument("--root_b", type=Path, default=None, help="B's runs' root, if not --root")
     args = ap.parse_args(argv)
-    rows = compare(args.root, args.a, args.b)
+    rows = compare(args.root, args.a, args.b, args.root_b)
     if not rows:
-        print(f"error: no seed under {args.root} has results for both {args.a} and {args.b}", file=sys.stderr)
+        where = args.root if args.root_b is None else f"{args.root} and {args.root_b}"
+        print(f"error: no seed under {where} has results for both {args.a} and {args.b}", file=sys.stderr)
         return 2
     print(f"{args.a} minus {args.b}: mean test accuracy (points), paired by seed")
     for row in rows:

@@ -42,3 +42,16 @@ def test_paired_differences_by_hand(tmp_path, capsys):
     assert rows["M2"]["resolved"] and math.isclose(rows["M2"]["mean"], -20.0)
     assert rows["M1"]["mean"] == 0.0 and not rows["M1"]["resolved"]
     assert script.main(["--root", str(tmp_path), "a", "missing"]) == 2
+
+
+def test_b_under_another_root(tmp_path, capsys):
+    # A post-hoc variant in its own root, paired by seed name with the main root's runs.
+    main_root, other = tmp_path / "main", tmp_path / "posthoc"
+    for seed, gap in enumerate((0.1, 0.2, 0.3)):
+        _run(main_root, seed, "sera", [(0.5, 0.5), (0.5 + gap, 0.5 + gap)])
+        _run(other, seed, "sera", [(0.5, 0.5), (0.5, 0.5)])
+    rows = {r["model"]: r for r in script.compare(main_root, "sera", "sera", other)}
+    assert [round(d, 6) for d in rows["M2"]["diffs"].values()] == [10.0, 20.0, 30.0]
+    assert not script.compare(main_root, "sera", "sera", tmp_path / "empty")
+    assert script.main(["--root", str(main_root), "--root_b", str(tmp_path / "empty"), "sera", "sera"]) == 2
+    assert "no seed under" in capsys.readouterr().err
