@@ -36,7 +36,7 @@ def compare(root: Path, a: str, b: str, root_b: Path | None = None) -> list[dict
 
     B's runs are under ``root_b`` (default ``root``), matched to A's by seed directory name.
     """
-    root_b = root if root_b is None else root_b
+    root_b = root_b or root
     seeds = sorted((p for p in root.glob("seed*") if p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
     per_seed = {p.name: (accuracies(p / a), accuracies(root_b / p.name / b)) for p in seeds}
     rows = []
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = compare(args.root, args.a, args.b, args.root_b)
     if not rows:
-        where = args.root if args.root_b is None else f"{args.root} and {args.root_b}"
-        print(f"error: no seed under {where} has results for both {args.a} and {args.b}", file=sys.stderr)
+        print(f"error: no seed under {args.root} (A) / {args.root_b or args.root} (B) has results for both {args.a} and {args.b}", file=sys.stderr)
         return 2
     print(f"{args.a} minus {args.b}: mean test accuracy (points), paired by seed")
     for row in rows:
